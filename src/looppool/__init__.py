@@ -1,0 +1,37 @@
+"""looppool: a pool of worker processes, each running its own asyncio event loop.
+
+See the README for a guide; the public names are re-exported here.
+"""
+
+from ._errors import LooppoolError as LooppoolError
+from ._errors import PoolBroken as PoolBroken
+from ._errors import PoolClosed as PoolClosed
+from ._errors import QueueFull as QueueFull
+from ._errors import RemoteError as RemoteError
+from ._errors import RemoteTraceback as RemoteTraceback
+from ._errors import WorkerLost as WorkerLost
+from ._errors import WorkerStartError as WorkerStartError
+from ._pool import Pool as Pool
+from ._pool import PoolStats as PoolStats
+from ._worker import SafeWorker as SafeWorker
+from ._worker import Worker as Worker
+from ._worker import WorkerFactory as WorkerFactory
+
+__version__ = "1.0.0.dev0"
+
+__all__ = [
+    "LooppoolError",
+    "Pool",
+    "PoolBroken",
+    "PoolClosed",
+    "PoolStats",
+    "QueueFull",
+    "RemoteError",
+    "RemoteTraceback",
+    "SafeWorker",
+    "Worker",
+    "WorkerFactory",
+    "WorkerLost",
+    "WorkerStartError",
+    "__version__",
+]

@@ -1,0 +1,460 @@
+"""What runs inside a worker process.
+
+::
+
+    main thread: the worker's event loop            task-listener thread
+    ─────────────────────────────────────           ──────────────────────────────
+    factory() → initialise() → EV_READY             blocks reading frames from the
+    _on_items(items) ◄── call_soon_threadsafe ◄──── channel (or, in barrier mode,
+      process_message(msg) (task, or inline           takes one message from the
+      for a plain def)                                shared queue, hands it over,
+      put_result(v) ─┐                                then waits at the Barrier)
+      done / reply ──┼──► Outbox ──► result pipe ──► parent
+      log records ───┘  (one frame per loop turn)
+    STOP → finish or cancel → finalise() → EV_BYE    parent watcher thread: pidfd →
+                                                      os._exit when the parent dies
+
+The module stays light: a spawned worker imports it and the user's module only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import pickle
+import select
+import signal
+import threading
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Final
+
+from . import _protocol as P
+from ._worker import Worker
+
+EXIT_ORPHANED: Final = 70  # the parent died; the worker ended itself
+CANCEL_GRACE: Final = 1.0  # seconds a cancelled Worker's tasks get to run their finally blocks
+
+logger = logging.getLogger("looppool.worker")
+
+
+@dataclass(frozen=True)
+class ChildConfig:
+    """Everything a worker process needs; pickled for spawn and forkserver."""
+
+    factory: Callable[[], Worker]
+    number: int
+    pool_name: str
+    parent_pid: int
+    channel: Connection  # parent -> worker frames (read end)
+    results: Connection  # worker -> parent frames (write end)
+    loop: str  # "asyncio" | "uvloop"
+    log_level: int
+    forked: bool
+    concurrency: int
+    shared_queue: Any = None  # barrier mode: multiprocessing.Queue of (id, want_reply, payload)
+    barrier: Any = None  # barrier mode: multiprocessing.Barrier
+    monitor: dict[str, Any] | None = None  # WorkerMonitor options, or None
+
+
+def worker_main(cfg: ChildConfig) -> None:
+    """The target of each worker process."""
+    _reset_inherited_state(cfg)
+    outbox = Outbox(cfg.results.fileno())
+    _forward_logging(outbox, cfg.log_level)
+    _watch_parent(cfg.parent_pid)
+    _set_title(cfg)
+    runtime = _Runtime(cfg, outbox)
+    with asyncio.Runner(loop_factory=_loop_factory(cfg.loop)) as runner:
+        runner.run(runtime.main())
+    outbox.flush()
+
+
+def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if kind == "uvloop":
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+        return factory
+    return asyncio.new_event_loop
+
+
+def _reset_inherited_state(cfg: ChildConfig) -> None:
+    # The parent decides when workers stop: SIGINT from a terminal and SIGTERM
+    # sent to the process group reach every worker too, and would cut
+    # message-based shutdown short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if cfg.forked:
+        # A forked child inherits the parent's signal wake-up fd (the parent
+        # loop's self-pipe) and, on Python 3.11, its running-loop state; both
+        # would make the worker's own loop misbehave.
+        signal.set_wakeup_fd(-1)
+        asyncio.events._set_running_loop(None)
+        asyncio.set_event_loop(None)
+
+
+def _set_title(cfg: ChildConfig) -> None:
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(f"looppool: {cfg.pool_name} worker {cfg.number}")
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """End this process as soon as the pool's process dies: no orphans.
+
+    Under fork, siblings inherit each other's pipe ends, so end-of-file on a
+    pipe cannot tell us the parent is gone; a pidfd can. Under forkserver our
+    OS parent is the fork server, hence the pool's pid is passed explicitly.
+    """
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        os._exit(EXIT_ORPHANED)
+    except (AttributeError, OSError):
+        # No pidfd (not Linux >= 5.3): multiprocessing's parent sentinel
+        # works for spawn and forkserver.
+        import multiprocessing
+
+        parent = multiprocessing.parent_process()
+        if parent is None or parent.sentinel is None:
+            return
+        pidfd = parent.sentinel
+
+    def watch() -> None:
+        select.select([pidfd], [], [])
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="looppool-parent-watcher", daemon=True).start()
+
+
+class Outbox:
+    """Collects what the worker sends and writes it as one frame per loop turn.
+
+    Items come from the loop thread (results, acks) and from any thread
+    (log records). The first item of a batch schedules one flush on the loop;
+    until the loop is attached, or after it is gone, items are written at once.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        # One lock guards both the batch and the write: with two flushers
+        # (the loop, and a thread logging after the loop closed) a batch taken
+        # first must also be written first, or events would arrive reordered.
+        self._lock = threading.Lock()
+        self._items: list[tuple[Any, ...]] = []
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    def detach(self) -> None:
+        self._loop = None
+        self.flush()
+
+    def add(self, item: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._scheduled:
+                return
+            self._scheduled = True
+            loop = self._loop
+        if loop is None:
+            self.flush()
+        elif threading.get_ident() == self._loop_thread:
+            loop.call_soon(self.flush)
+        else:
+            try:
+                loop.call_soon_threadsafe(self.flush)
+            except RuntimeError:  # the loop closed between the check and the call
+                self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._scheduled = False
+            items, self._items = self._items, []
+            if items:
+                P.write_all(self._fd, P.encode(items))
+
+
+class _ForwardHandler(logging.Handler):
+    """Sends every log record of the worker to the parent's logging."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        super().__init__()
+        self._outbox = outbox
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = dict(record.__dict__)
+            # Render here: args and exc_info may not be picklable.
+            data["msg"] = record.getMessage()
+            data["args"] = None
+            if record.exc_info:
+                data["exc_text"] = logging.Formatter().formatException(record.exc_info)
+            data["exc_info"] = None
+            for key, value in list(data.items()):
+                if not isinstance(value, (str, int, float, bool, type(None))):
+                    data[key] = repr(value)
+            self._outbox.add((P.EV_LOG, data))
+        except Exception:
+            self.handleError(record)
+
+
+def _forward_logging(outbox: Outbox, level: int) -> None:
+    # Under fork the child inherits the parent's handlers: they would write
+    # the parent's files from every worker and duplicate what is forwarded.
+    manager = logging.Logger.manager
+    for existing in [logging.getLogger(), *manager.loggerDict.values()]:
+        if isinstance(existing, logging.Logger):
+            for handler in existing.handlers[:]:
+                existing.removeHandler(handler)
+    root = logging.getLogger()
+    root.addHandler(_ForwardHandler(outbox))
+    root.setLevel(level)
+
+
+def _format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+async def _maybe_await(value: Awaitable[None] | None) -> None:
+    if inspect.isawaitable(value):
+        await value
+
+
+class _Runtime:
+    """Runs one worker object on the process's event loop."""
+
+    def __init__(self, cfg: ChildConfig, outbox: Outbox) -> None:
+        self.cfg = cfg
+        self.out = outbox
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.in_flight = 0
+        self.processed = 0
+        self.failed = 0
+        self.loop: asyncio.AbstractEventLoop
+        self.worker: Worker
+        self.stop_requested: asyncio.Future[bool]
+        self.process: Callable[[Any], Any]
+        # Barrier mode: the listener takes a message only when a slot is free.
+        self.slots = threading.Semaphore(cfg.concurrency)
+
+    async def main(self) -> None:
+        cfg = self.cfg
+        self.loop = loop = asyncio.get_running_loop()
+        self.stop_requested = loop.create_future()
+        self.out.attach(loop)
+        try:
+            worker = cfg.factory()
+            if not isinstance(worker, Worker):
+                raise TypeError(
+                    f"the worker factory returned {worker!r}, not an instance of looppool.Worker"
+                )
+            worker.number = cfg.number
+            worker._looppool_sink = self.put_result
+            self.worker = worker
+            self.process = worker.process_message
+            await _maybe_await(worker.initialise())
+        except BaseException as exc:
+            self.out.add((P.EV_START_FAILED, f"{type(exc).__name__}: {exc}", _format_exception(exc)))
+            self.out.detach()
+            return
+        monitor = self._start_monitor()
+        self.out.add((P.EV_READY, os.getpid(), worker.safe))
+        self._start_listeners()
+        cancel = await self.stop_requested
+        await self._finish_in_flight(cancel)
+        if monitor is not None:
+            await monitor.aclose()
+        try:
+            await _maybe_await(self.worker.finalise())
+        except Exception:
+            logger.exception("worker %d: finalise() raised", cfg.number)
+        self.out.add((P.EV_BYE,))
+        self.out.detach()
+
+    def _start_monitor(self) -> Any:
+        options = self.cfg.monitor
+        if not options:
+            return None
+        from ._monitor import WorkerMonitor
+
+        monitor = WorkerMonitor(
+            loop=self.loop,
+            number=self.cfg.number,
+            pool_name=self.cfg.pool_name,
+            counters=self.counters,
+            on_blocked=self._on_blocked,
+            **options,
+        )
+        monitor.start()
+        return monitor
+
+    def counters(self) -> dict[str, float]:
+        return {
+            "messages.in_flight": self.in_flight,
+            "messages.processed": self.processed,
+            "messages.failed": self.failed,
+        }
+
+    def _on_blocked(self) -> None:
+        self.out.add((P.EV_BLOCKED,))  # thread-safe: called from the watchdog thread
+
+    # -- receiving ---------------------------------------------------------
+
+    def _start_listeners(self) -> None:
+        threading.Thread(target=self._listen_channel, name="looppool-listener", daemon=True).start()
+        if self.cfg.shared_queue is not None:
+            threading.Thread(
+                target=self._listen_shared, name="looppool-barrier-listener", daemon=True
+            ).start()
+
+    def _hand_over(self, callback: Callable[..., None], *args: Any) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: the worker is exiting
+            return False
+        return True
+
+    def _listen_channel(self) -> None:
+        """Block on the channel; hand every frame to the loop (the only safe way in)."""
+        reader = open(self.cfg.channel.fileno(), "rb", buffering=P.PIPE_SIZE, closefd=False)  # noqa: SIM115
+        while True:
+            header = reader.read(P.HEADER.size)
+            if len(header) < P.HEADER.size:
+                # The parent closed the channel without a STOP: it is gone or
+                # giving up on us. Stop like a Worker.
+                self._hand_over(self._on_items, [(P.OP_STOP, True)])
+                return
+            (length,) = P.HEADER.unpack(header)
+            items = pickle.loads(reader.read(length))
+            if not self._hand_over(self._on_items, items):
+                return
+            if items[-1][0] == P.OP_STOP:
+                return
+
+    def _listen_shared(self) -> None:
+        """Barrier mode: take one message, hand it over, *then* meet the others.
+
+        Handing over first matters: waiting at the barrier while holding a
+        message would make a lone message wait for n - 1 others.
+        """
+        queue = self.cfg.shared_queue
+        barrier = self.cfg.barrier
+        while True:
+            self.slots.acquire()
+            item = queue.get()
+            # TAKEN is queued before the message runs, so the parent learns who
+            # held it even if the message kills this process at once.
+            self.out.add((P.EV_TAKEN, item[0]))
+            if not self._hand_over(self._on_items, [(P.OP_MSG, *item)]):
+                return
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                return
+
+    def _on_items(self, items: list[tuple[Any, ...]]) -> None:
+        for item in items:
+            if item[0] == P.OP_MSG:
+                self._start(item[1], item[2], item[3])
+            elif not self.stop_requested.done():
+                self.stop_requested.set_result(bool(item[1]))
+
+    # -- running -----------------------------------------------------------
+
+    def _start(self, mid: int, want_reply: bool, payload: bytes) -> None:
+        self.in_flight += 1
+        try:
+            result = self.process(pickle.loads(payload))
+        except Exception as exc:
+            self._failed(mid, want_reply, exc)
+            return
+        if inspect.isawaitable(result):
+            task = self.loop.create_task(self._await(mid, want_reply, result))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        else:
+            self._succeeded(mid, want_reply, result)
+
+    async def _await(self, mid: int, want_reply: bool, awaitable: Awaitable[Any]) -> None:
+        try:
+            result = await awaitable
+        except asyncio.CancelledError:
+            self._done(mid, P.DONE_CANCELLED, None)
+            raise
+        except Exception as exc:
+            self._failed(mid, want_reply, exc)
+        else:
+            self._succeeded(mid, want_reply, result)
+
+    def _done(self, mid: int, status: int, payload: Any) -> None:
+        self.in_flight -= 1
+        self.out.add((P.EV_DONE, mid, status, payload))
+        if self.cfg.shared_queue is not None:
+            self.slots.release()
+
+    def _succeeded(self, mid: int, want_reply: bool, result: Any) -> None:
+        if want_reply:
+            try:
+                payload: bytes | None = pickle.dumps(result, P.PROTOCOL)
+            except Exception as exc:
+                error = TypeError(
+                    f"worker {self.cfg.number}: the reply of process_message could not be "
+                    f"pickled: {type(exc).__name__}: {exc}"
+                )
+                error.__cause__ = exc
+                self._failed(mid, want_reply, error)
+                return
+        else:
+            payload = None
+        self.processed += 1
+        self._done(mid, P.DONE_OK, payload)
+
+    def _failed(self, mid: int, want_reply: bool, exc: Exception) -> None:
+        self.failed += 1
+        if not want_reply:
+            # Nobody awaits this message: the parent's log is where it shows.
+            logger.error(
+                "worker %d: process_message raised %s",
+                self.cfg.number,
+                type(exc).__name__,
+                exc_info=exc,
+            )
+            self._done(mid, P.DONE_FAILED, None)
+            return
+        text = _format_exception(exc)
+        try:
+            pickled: bytes | None = pickle.dumps(exc, P.PROTOCOL)
+            pickle.loads(pickled)  # an exception may pickle yet fail to unpickle
+        except Exception:
+            pickled = None
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        self._done(mid, P.DONE_FAILED, (pickled, name, repr(exc), text))
+
+    def put_result(self, value: Any) -> None:
+        # Pickled here, in the caller: an unpicklable result raises inside
+        # process_message and fails that message, not a whole frame.
+        self.out.add((P.EV_RESULT, pickle.dumps(value, P.PROTOCOL)))
+
+    async def _finish_in_flight(self, cancel: bool) -> None:
+        if not self.tasks:
+            return
+        if cancel:
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.wait(set(self.tasks), timeout=CANCEL_GRACE)
+        else:
+            while self.tasks:
+                await asyncio.wait(set(self.tasks))
+

@@ -1,0 +1,104 @@
+"""The wire format between the parent and its workers.
+
+Both directions carry *frames*: a 4-byte big-endian length, then a pickle of a
+list of tuples, each tuple starting with an op code below. One frame carries
+every item a side produced during one turn of its event loop, so a busy pool
+pays one system call and one pickle per batch rather than per message.
+
+Messages and results are pickled by whoever creates them (the caller of
+``put`` in the parent, the caller of ``put_result`` in the worker) and travel
+as ``bytes`` inside the frame, so a value that cannot be pickled fails at the
+point of the mistake and never poisons a frame shared with other messages.
+
+Only the pool's own processes write to these pipes (they are created by the
+parent and inherited by, or passed to, its children), so unpickling a frame
+never unpickles data from anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from typing import Any, Final
+
+HEADER: Final = struct.Struct("!I")
+PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
+
+# parent -> worker
+OP_MSG: Final = 1  # (OP_MSG, id, want_reply, payload)
+OP_STOP: Final = 2  # (OP_STOP, cancel)
+
+# worker -> parent
+EV_READY: Final = 10  # (EV_READY, pid)
+EV_START_FAILED: Final = 11  # (EV_START_FAILED, reason, traceback)
+EV_RESULT: Final = 12  # (EV_RESULT, payload)
+EV_DONE: Final = 13  # (EV_DONE, id, status, payload)
+EV_LOG: Final = 14  # (EV_LOG, record dict)
+EV_TAKEN: Final = 15  # (EV_TAKEN, id): barrier mode, taken from the shared queue
+EV_BLOCKED: Final = 16  # (EV_BLOCKED,): a blocked-loop episode began
+EV_BYE: Final = 17  # (EV_BYE,): clean exit follows
+
+# EV_DONE statuses
+DONE_OK: Final = 0  # payload: pickled reply, or None when no reply was asked for
+DONE_FAILED: Final = 1  # payload: None, or (pickled exception | None, type name, repr, traceback)
+DONE_CANCELLED: Final = 2  # cancelled by a Worker pool's stop
+
+PIPE_SIZE: Final = 1 << 20
+
+
+def encode(items: list[tuple[Any, ...]]) -> bytes:
+    """Pickle a list of items into one length-prefixed frame."""
+    body = pickle.dumps(items, PROTOCOL)
+    return HEADER.pack(len(body)) + body
+
+
+def enlarge_pipe(fd: int) -> None:
+    """Grow a pipe's kernel buffer (Linux), so fewer writes block or split."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except (ImportError, AttributeError, OSError):
+        # Not Linux, or above /proc/sys/fs/pipe-max-size: the default is correct, only smaller.
+        pass
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte to a blocking fd (a pipe write above PIPE_BUF may be partial)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames (the parent side, fed by non-blocking reads)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[list[tuple[Any, ...]]]:
+        """Add bytes read from the pipe; return the frames now complete, decoded."""
+        buf = self._buf
+        buf += data
+        frames: list[list[tuple[Any, ...]]] = []
+        start = 0
+        size = len(buf)
+        while size - start >= HEADER.size:
+            (length,) = HEADER.unpack_from(buf, start)
+            end = start + HEADER.size + length
+            if end > size:
+                break
+            frames.append(pickle.loads(memoryview(buf)[start + HEADER.size : end]))
+            start = end
+        if start:
+            del buf[:start]
+        return frames
+
+    @property
+    def partial(self) -> int:
+        """Bytes of an incomplete frame held (a worker that died mid-write leaves some)."""
+        return len(self._buf)
