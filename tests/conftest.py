@@ -52,7 +52,7 @@ def no_process_left_behind() -> Iterator[None]:
         return
     # A worker told to stop may still be between its last write and its
     # exit; give it a deadline rather than failing on a race we caused.
-    gone, alive = psutil.wait_procs(left, timeout=5)
+    _, alive = psutil.wait_procs(left, timeout=5)
     if alive:
         for proc in alive:
             proc.kill()

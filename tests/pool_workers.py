@@ -186,3 +186,101 @@ class NotAWorker:
 def make_not_a_worker() -> Any:
     """A factory returning something that is not a Worker."""
     return NotAWorker()
+
+
+class Gate:
+    """A latch the test opens; workers wait on it over a Unix socket.
+
+    Unlike a multiprocessing.Event, it survives a waiter that is killed: a
+    multiprocessing Condition's notify_all() waits for every sleeper to wake,
+    so setting an Event whose waiter died hangs the setter for ever.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+        self._open = False
+        self._writers: list[asyncio.StreamWriter] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
+
+    async def wait(self) -> None:
+        """In a worker: return once the test opens the gate."""
+        reader, writer = await asyncio.open_unix_connection(self.path)
+        try:
+            await reader.read(1)
+        finally:
+            writer.close()
+
+    async def serve(self) -> None:
+        """In the test: start answering waiters."""
+        self._server = await asyncio.start_unix_server(self._on_waiter, self.path)
+
+    async def _on_waiter(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open:
+            writer.write(b"!")
+        self._writers.append(writer)
+
+    def open(self) -> None:
+        """In the test: release every waiter, now and later."""
+        self._open = True
+        for writer in self._writers:
+            if not writer.is_closing():
+                writer.write(b"!")
+
+    async def close(self) -> None:
+        """In the test: stop the server."""
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+class Fragile(looppool.SafeWorker):
+    """A SafeWorker that can be told to die in several ways; holds "hold" messages at a gate."""
+
+    def __init__(self, gate: Any = None, marker: str | None = None) -> None:
+        self.gate = gate
+        self.marker = marker
+
+    def initialise(self) -> None:
+        # The crash-loop test creates the marker after the first start, so
+        # every replacement fails while the first generation started fine.
+        if self.marker is not None and os.path.exists(self.marker):
+            raise RuntimeError("replacement refuses to start")
+
+    async def process_message(self, message: Any) -> Any:
+        if message == "pid":
+            return os.getpid()
+        if message == "exit":
+            os._exit(3)
+        if message == "segv":
+            import ctypes
+
+            ctypes.string_at(0)
+        if message == "hold":
+            self.put_result((self.number, "holding", os.getpid()))
+            await self.gate.wait()
+        if message == "hang":
+            self.put_result((self.number, "hanging", os.getpid()))
+            await asyncio.Event().wait()
+        self.put_result((self.number, message))
+        return message
+
+
+class FragileWorker(Fragile, looppool.Worker):
+    """Fragile with plain Worker semantics: a death fails what it held."""
+
+    safe = False
+
+
+class DiesInInit(looppool.SafeWorker):
+    """Exits abruptly inside initialise()."""
+
+    def initialise(self) -> None:
+        os._exit(4)

@@ -11,12 +11,17 @@ import signal
 from collections import Counter
 from typing import Any
 
-import pool_workers as w
 import psutil
 import pytest
 
 import looppool
+import pool_workers as w
 
+
+@pytest.fixture(params=["rounds", "barrier"])
+def distribution(request: pytest.FixtureRequest) -> str:
+    """How shared messages are dealt: the parent's rounds, or the seed's Barrier."""
+    return str(request.param)
 
 
 @pytest.fixture
@@ -61,9 +66,11 @@ async def test_partial_factory_with_arguments(make: Any) -> None:
 
 
 @pytest.mark.parametrize("count", range(0, 5))
-async def test_stop_after_0_to_2n_messages_never_hangs(make: Any, count: int) -> None:
+async def test_stop_after_0_to_2n_messages_never_hangs(
+    make: Any, distribution: str, count: int
+) -> None:
     """A SafeWorker pool stopped after 0..2n messages processes them all and returns."""
-    pool = make(w.SafeSlow)
+    pool = make(w.SafeSlow, distribution=distribution)
     await pool.start()
     for i in range(count):
         pool.put_nowait(i)
@@ -112,9 +119,9 @@ async def test_worker_stop_cancels_in_flight_and_returns(make: Any) -> None:
     assert pool.stats().lost == 2
 
 
-async def test_safe_worker_stop_processes_everything_queued(make: Any) -> None:
+async def test_safe_worker_stop_processes_everything_queued(make: Any, distribution: str) -> None:
     """A SafeWorker pool's stop runs every message put before it, beyond the window."""
-    pool = make(w.SafeSlow, concurrency=2)
+    pool = make(w.SafeSlow, concurrency=2, distribution=distribution)
     await pool.start()
     for i in range(50):
         pool.put_nowait(i)
@@ -132,15 +139,20 @@ async def test_finalise_runs_at_stop(make: Any) -> None:
 async def test_body_exception_stops_without_starting_queued(make: Any) -> None:
     """An exception in the body of async with propagates; queued messages are lost, not run."""
     gate = multiprocessing.get_context("spawn").Event()
-    with pytest.raises(KeyError):
-        async with make(functools.partial(w.Gated, gate), size=1, concurrency=1) as pool:
-            results = pool.results()
+    pool = make(functools.partial(w.Gated, gate), size=1, concurrency=1)
+    results = pool.results()
+
+    async def body() -> None:
+        async with pool:
             await pool.put("hold-report")
             assert await anext(results) == (0, "holding")
             for i in range(5):
                 await pool.put(i)  # queued in the parent: the window is one
             gate.set()  # the message in flight may finish: SafeWorker lets it
             raise KeyError("the body failed")
+
+    with pytest.raises(KeyError):
+        await body()
     got = [r async for r in results]
     assert got == [(0, "hold-report")]
     assert pool.stats().lost == 5
@@ -150,38 +162,42 @@ async def test_body_exception_stops_without_starting_queued(make: Any) -> None:
 
 
 @pytest.mark.parametrize("size", [1, 2, 3])
-async def test_n_times_k_messages_are_spread_exactly_k_per_worker(make: Any, size: int) -> None:
+async def test_n_times_k_messages_are_spread_exactly_k_per_worker(
+    make: Any, distribution: str, size: int
+) -> None:
     """Fair rounds: n*k shared messages give exactly k to each of the n workers."""
-    async with make(w.Echo, size=size) as pool:
+    async with make(w.Echo, size=size, distribution=distribution) as pool:
         for i in range(size * 7):
             await pool.put(i)
     counts = Counter(number for number, _ in await collect(pool))
     assert counts == dict.fromkeys(range(size), 7)
 
 
-async def test_first_n_messages_reach_each_worker_once(make: Any) -> None:
+async def test_first_n_messages_reach_each_worker_once(make: Any, distribution: str) -> None:
     """The first n messages after start reach each of the n workers exactly once."""
-    async with make(w.Echo, size=3) as pool:
+    async with make(w.Echo, size=3, distribution=distribution) as pool:
         for i in range(3):
             await pool.put(i)
     assert sorted(number for number, _ in await collect(pool)) == [0, 1, 2]
 
 
-async def test_any_2n_minus_1_consecutive_messages_reach_every_worker(make: Any) -> None:
+async def test_any_2n_minus_1_consecutive_messages_reach_every_worker(
+    make: Any, distribution: str
+) -> None:
     """Every window of 2n-1 consecutive shared messages covers all n workers."""
     size = 3
-    async with make(w.Echo, size=size) as pool:
+    async with make(w.Echo, size=size, distribution=distribution) as pool:
         for i in range(30):
             await pool.put(i)
-    by_message = dict((m, n) for n, m in await collect(pool))
+    by_message = {m: n for n, m in await collect(pool)}
     for start in range(30 - (2 * size - 1) + 1):
         window = {by_message[i] for i in range(start, start + 2 * size - 1)}
         assert window == set(range(size)), f"window starting at {start}"
 
 
-async def test_directed_messages_reach_their_worker(make: Any) -> None:
+async def test_directed_messages_reach_their_worker(make: Any, distribution: str) -> None:
     """put(worker=k) and submit(worker=k) go to worker k and count in no round."""
-    async with make(w.Echo, size=3) as pool:
+    async with make(w.Echo, size=3, distribution=distribution) as pool:
         for i in range(6):
             await pool.put(i, worker=2)
         assert await pool.submit("x", worker=1) == "x"
@@ -192,9 +208,9 @@ async def test_directed_messages_reach_their_worker(make: Any) -> None:
     assert sorted(n for n, m in results if isinstance(m, tuple)) == [0, 1, 2]
 
 
-async def test_broadcast_reaches_every_worker_once(make: Any) -> None:
+async def test_broadcast_reaches_every_worker_once(make: Any, distribution: str) -> None:
     """broadcast() delivers the message to each worker exactly once."""
-    async with make(w.Stateful, size=3) as pool:
+    async with make(w.Stateful, size=3, distribution=distribution) as pool:
         await pool.broadcast(("set", "table-v1"))
         await pool.drain()
         tables = [await pool.submit("get", worker=k) for k in range(3)]
@@ -373,7 +389,7 @@ async def test_initialise_failure_raises_worker_start_error_and_leaves_no_proces
 
 async def test_factory_returning_a_non_worker_fails_start(make: Any) -> None:
     """A factory whose product is not a Worker fails start with a clear error."""
-    with pytest.raises(looppool.WorkerStartError, match="not an instance of looppool.Worker"):
+    with pytest.raises(looppool.WorkerStartError, match=r"not an instance of looppool\.Worker"):
         async with make(w.make_not_a_worker, size=1):
             pass
 
@@ -462,4 +478,15 @@ async def test_pids_are_the_worker_processes(make: Any) -> None:
         pids = pool.pids
         assert sorted(pids) == sorted([await pool.submit("pid", worker=k) for k in range(2)])  # type: ignore[type-var]
     for pid in pids:
-        assert pid is not None and not psutil.pid_exists(pid)
+        assert pid is not None
+        assert not psutil.pid_exists(pid)
+
+
+async def test_barrier_mode_aligns_stateful_workers(make: Any) -> None:
+    """The seed's Barrier: while workers process, each round still gives every worker one."""
+    async with make(w.SafeSlow, size=3, distribution="barrier") as pool:
+        for i in range(3 * 5):
+            await pool.put(i)
+    by_message = {m: n for n, m in await collect(pool)}
+    for round_start in range(0, 15, 3):
+        assert {by_message[i] for i in range(round_start, round_start + 3)} == {0, 1, 2}

@@ -266,7 +266,8 @@ class _Runtime:
             self.process = worker.process_message
             await _maybe_await(worker.initialise())
         except BaseException as exc:
-            self.out.add((P.EV_START_FAILED, f"{type(exc).__name__}: {exc}", _format_exception(exc)))
+            reason = f"{type(exc).__name__}: {exc}"
+            self.out.add((P.EV_START_FAILED, reason, _format_exception(exc)))
             self.out.detach()
             return
         monitor = self._start_monitor()
@@ -367,7 +368,14 @@ class _Runtime:
     def _on_items(self, items: list[tuple[Any, ...]]) -> None:
         for item in items:
             if item[0] == P.OP_MSG:
-                self._start(item[1], item[2], item[3])
+                if self.stop_requested.done():
+                    # Barrier mode: the shared listener took it after the stop
+                    # began. Do not start it; the parent sends it again or
+                    # counts it lost.
+                    self.in_flight += 1
+                    self._done(item[1], P.DONE_CANCELLED, None)
+                else:
+                    self._start(item[1], item[2], item[3])
             elif not self.stop_requested.done():
                 self.stop_requested.set_result(bool(item[1]))
 
@@ -436,7 +444,9 @@ class _Runtime:
         text = _format_exception(exc)
         try:
             pickled: bytes | None = pickle.dumps(exc, P.PROTOCOL)
-            pickle.loads(pickled)  # an exception may pickle yet fail to unpickle
+            # An exception may pickle yet fail to unpickle (an __init__ that
+            # takes other arguments than it passes to Exception).
+            pickle.loads(pickled)  # type: ignore[arg-type]
         except Exception:
             pickled = None
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
@@ -457,4 +467,3 @@ class _Runtime:
         else:
             while self.tasks:
                 await asyncio.wait(set(self.tasks))
-

@@ -6,7 +6,7 @@
   ────────────                     ─────────────────────────────────────────────────────
   put(m) ── pickle in caller ──►  _accept ─► dealer: fair rounds ─► slot k queue
   put(m, worker=k) ─────────────►  _accept ───────────────────────► slot k queue
-  broadcast(m) ─────────────────►  _accept × n ───────────────────► every slot's queue
+  broadcast(m) ─────────────────►  _accept x n ───────────────────► every slot's queue
   submit(m) ── future ──────────►  _accept ─► ...
                                    _pump (once per loop turn): queue ─► held (≤ concurrency)
                                         one frame per worker ─► channel pipe ─► worker k
@@ -153,6 +153,7 @@ class _Slot:
         self.exited: asyncio.Future[int | None] | None = None
         self.start_error: tuple[str, str] | None = None
         self.said_bye = False
+        self.killed = False
         self.failures = 0
         self.exitcode: int | None = None
 
@@ -218,7 +219,9 @@ class Pool:
         if not callable(worker):
             raise TypeError(f"worker must be a Worker subclass or a callable, not {worker!r}")
         if isinstance(worker, type) and not issubclass(worker, Worker):
-            raise TypeError(f"worker class {worker.__qualname__} does not derive from looppool.Worker")
+            raise TypeError(
+                f"worker class {worker.__qualname__} does not derive from looppool.Worker"
+            )
         if size is None:
             size = os.cpu_count() or 1
         _check_int("size", size)
@@ -253,7 +256,9 @@ class Pool:
         self._monitor: dict[str, Any] | None = None
         if statsd is not None or blocking_threshold is not None:
             if blocking_threshold is not None and blocking_threshold <= 0:
-                raise ValueError(f"blocking_threshold must be > 0 or None, not {blocking_threshold}")
+                raise ValueError(
+                    f"blocking_threshold must be > 0 or None, not {blocking_threshold}"
+                )
             if metrics_interval <= 0:
                 raise ValueError(f"metrics_interval must be > 0, not {metrics_interval}")
             if isinstance(statsd, str):
@@ -311,6 +316,7 @@ class Pool:
         self._shared_queue: Any = None
         self._barrier: Any = None
         self._shared_out: dict[int, _Msg] = {}
+        self._regenerating = False
         # counters
         self._n_put = 0
         self._n_processed = 0
@@ -423,7 +429,7 @@ class Pool:
                         other.cancel()
                     raise fut.exception()  # type: ignore[misc]
 
-    async def stop(self, timeout: float | None = None) -> None:
+    async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Stop the pool as its worker class defines; idempotent.
 
         A :class:`~looppool.SafeWorker` pool processes every message put
@@ -434,7 +440,7 @@ class Pool:
         """
         await self._shutdown(graceful=True, timeout=timeout)
 
-    async def _shutdown(self, *, graceful: bool, timeout: float | None) -> None:
+    async def _shutdown(self, *, graceful: bool, timeout: float | None) -> None:  # noqa: ASYNC109
         if self._state is _State.NEW:
             self._state = _State.STOPPED
             self._stopped.set()
@@ -531,6 +537,7 @@ class Pool:
     async def _kill_all(self) -> None:
         for slot in self._slots:
             if slot.alive and slot.process is not None:
+                slot.killed = True
                 with contextlib.suppress(Exception):
                     slot.process.kill()
         exits = [s.exited for s in self._slots if s.exited is not None and not s.exited.done()]
@@ -546,7 +553,10 @@ class Pool:
         live = [s for s in self._slots if s.alive and s.process is not None]
         if not live:
             return
-        logger.warning("pool %s was not stopped before the interpreter exited; killing its workers", self.name)
+        logger.warning(
+            "pool %s was not stopped before the interpreter exited; killing its workers",
+            self.name,
+        )
         for slot in live:
             assert slot.process is not None
             with contextlib.suppress(Exception):
@@ -685,7 +695,9 @@ class Pool:
             if not fut.done():
                 fut.set_result(None)
 
-    def _accept(self, payload: bytes, target: int | None, future: asyncio.Future[Any] | None) -> None:
+    def _accept(
+        self, payload: bytes, target: int | None, future: asyncio.Future[Any] | None
+    ) -> None:
         msg = _Msg(next(self._ids), payload, target, future, self._epoch)
         counts = self._epoch_counts
         counts[msg.epoch] = counts.get(msg.epoch, 0) + 1
@@ -873,6 +885,10 @@ class Pool:
             self._n_failed += 1
             if future is not None and not future.done():
                 future.set_exception(_rebuild_exception(payload))
+        elif self._regenerating and self._accepting_respawns:
+            # Cancelled by a generation restart, not by the user: send it again.
+            slot.held[mid] = msg
+            return
         else:
             self._n_lost += 1
             if future is not None and not future.done():
@@ -1030,6 +1046,7 @@ class Pool:
         slot.decoder = P.FrameDecoder()
         slot.start_error = None
         slot.said_bye = False
+        slot.killed = False
         slot.exitcode = None
         slot.exited = self._loop.create_future()
         slot.exit_fd = self._exit_fd(slot, process)
@@ -1051,7 +1068,8 @@ class Pool:
         return process.sentinel
 
     def _on_exit(self, slot: _Slot) -> None:
-        assert self._loop is not None and slot.process is not None
+        assert self._loop is not None
+        assert slot.process is not None
         self._loop.remove_reader(slot.exit_fd)
         self._read_rest(slot)
         slot.process.join()
@@ -1062,7 +1080,7 @@ class Pool:
         slot.state = _SlotState.DEAD
         if slot.exited is not None and not slot.exited.done():
             slot.exited.set_result(exitcode)
-        if previous is _SlotState.STARTING:
+        if previous is _SlotState.STARTING and not slot.killed:
             reason, tb = slot.start_error or (f"its process died ({describe_exit(exitcode)})", "")
             error = WorkerStartError(slot.number, reason, tb, exitcode)
             if slot.ready is not None:  # the pool's start() awaits this one
@@ -1071,10 +1089,10 @@ class Pool:
                 slot.ready = None
                 return
             slot.failures += 1
-            logger.error("pool %s: replacement of worker %d failed: %s", self.name, slot.number, reason)
-        elif previous is _SlotState.STOPPING and slot.said_bye:
-            return
-        else:
+            logger.error(
+                "pool %s: replacement of worker %d failed: %s", self.name, slot.number, reason
+            )
+        elif not (slot.said_bye or slot.killed):
             logger.error(
                 "pool %s: worker %d (pid %s) died (%s)",
                 self.name,
@@ -1082,9 +1100,41 @@ class Pool:
                 slot.pid,
                 describe_exit(exitcode),
             )
+        if previous is _SlotState.STOPPING or slot.killed:
+            # Told to stop (or killed by us): nothing to replace. In barrier
+            # mode a stopping worker's listener may have taken a message it
+            # never ran; it is sent again (or lost if the pool is stopping).
+            self._give_back(slot)
+            self._maybe_finish_generation()
+            return
         self._rescue(slot, WorkerLost(slot.number, slot.pid, exitcode))
-        if self._accepting_respawns:
+        if not self._accepting_respawns:
+            return
+        if self._shared_queue is None:
             self._respawn_later(slot)
+        else:
+            # A dead party can never be removed from a multiprocessing.Barrier
+            # (nor can abort() be relied on: it may wait for the dead party
+            # forever). Replace the whole generation instead.
+            self._begin_generation_restart()
+            self._maybe_finish_generation()
+
+    def _give_back(self, slot: _Slot) -> None:
+        for msg in list(slot.held.values()):
+            self._requeue(slot, msg)
+        slot.held.clear()
+
+    def _requeue(self, slot: _Slot, msg: _Msg) -> None:
+        """Send again a message that a worker took but did not run (it was stopping)."""
+        if not self._accepting_respawns:
+            self._lose(msg, PoolClosed(self._closing_reason))
+        elif msg.target is not None:
+            slot.queue.appendleft(msg)
+        elif self._shared_queue is not None:
+            msg.deliveries -= 1  # it never ran
+            self._share(msg)
+        else:
+            self._enqueue(self._slots[self._next_in_round()], msg)
 
     def _rescue(self, slot: _Slot, lost: WorkerLost) -> None:
         """Decide the fate of the messages a dead worker held or had queued."""
@@ -1123,9 +1173,10 @@ class Pool:
     def _respawn_later(self, slot: _Slot) -> None:
         assert self._loop is not None
         if slot.failures >= MAX_START_FAILURES:
+            last = slot.start_error[0] if slot.start_error else describe_exit(slot.exitcode)
             self._break(
                 f"worker {slot.number} failed to start {slot.failures} times in a row "
-                f"(last: {slot.start_error[0] if slot.start_error else describe_exit(slot.exitcode)})"
+                f"(last: {last})"
             )
             return
         slot.state = _SlotState.STARTING  # counts as alive: no second respawn is scheduled
@@ -1178,6 +1229,7 @@ class Pool:
         self._wake_all_room_waiters()
         for slot in self._slots:
             if slot.alive and slot.process is not None:
+                slot.killed = True
                 with contextlib.suppress(Exception):
                     slot.process.kill()
 
@@ -1210,7 +1262,42 @@ class Pool:
 
     def _share(self, msg: _Msg) -> None:
         self._shared_out[msg.id] = msg
-        self._shared_queue.put((msg.id, msg.future is not None, msg.payload))
+        if not self._regenerating:
+            # Pickled already: the queue's feeder thread only frames bytes,
+            # so it cannot fail on a message and drop it with a log line.
+            self._shared_queue.put((msg.id, msg.future is not None, msg.payload))
+
+    def _begin_generation_restart(self) -> None:
+        if self._regenerating:
+            return
+        self._regenerating = True
+        logger.warning(
+            "pool %s: restarting every worker (distribution='barrier' cannot replace one)",
+            self.name,
+        )
+        cancel = not self._safe
+        for slot in self._slots:
+            if slot.alive and slot.state is not _SlotState.STOPPING:
+                slot.state = _SlotState.STOPPING
+                self._write(slot, P.encode([(P.OP_STOP, cancel)]))
+
+    def _maybe_finish_generation(self) -> None:
+        """Once the old generation has exited, start a new one and send again what it left."""
+        if not self._regenerating or any(s.alive for s in self._slots):
+            return
+        self._regenerating = False
+        if not self._accepting_respawns:
+            return
+        for slot in self._slots:
+            if slot.failures >= MAX_START_FAILURES:
+                self._respawn_later(slot)  # gives up, loudly
+                return
+        self._close_shared_queue()
+        self._new_generation_objects()
+        for slot in self._slots:
+            self._respawn(slot)
+        for msg in sorted(self._shared_out.values(), key=lambda m: m.id):
+            self._share(msg)
 
     def _close_shared_queue(self) -> None:
         queue = self._shared_queue

@@ -1,0 +1,40 @@
+"""Sessions: ``nox`` runs the default ones (tests on every Python and loop, lint, types)."""
+
+from __future__ import annotations
+
+import nox
+
+PYTHONS = ["3.11", "3.12", "3.13"]
+
+nox.options.sessions = ["tests", "lint", "types"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session(python=PYTHONS)
+@nox.parametrize("loop", ["asyncio", "uvloop"])
+def tests(session: nox.Session, loop: str) -> None:
+    """The test suite, with the parent and the workers on asyncio or on uvloop."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs, env={"LOOPPOOL_TEST_LOOP": loop})
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff: lint and format."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "src", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "noxfile.py")
+
+
+@nox.session(python="3.11")
+def types(session: nox.Session) -> None:
+    """mypy --strict on the package and the noxfile."""
+    session.install("-e", ".[test]", "mypy>=1.10", "nox")
+    session.run("mypy", "--strict", "src/looppool", "noxfile.py")
+
+
+@nox.session(python="3.11")
+def soak(session: nox.Session) -> None:
+    """A long run with random worker kills (not in the default sessions)."""
+    session.install("-e", ".")
+    session.run("python", "benchmarks/soak.py", *session.posargs)
