@@ -18,19 +18,38 @@ def tests(session: nox.Session, loop: str) -> None:
     session.run("pytest", *session.posargs, env={"LOOPPOOL_TEST_LOOP": loop})
 
 
+LINTED = ["src", "tests", "examples", "benchmarks", "noxfile.py"]
+
+
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     """ruff: lint and format."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "src", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "src", "tests", "noxfile.py")
+    session.run("ruff", "check", *LINTED)
+    session.run("ruff", "format", "--check", *LINTED)
 
 
 @nox.session(python="3.11")
 def types(session: nox.Session) -> None:
-    """mypy --strict on the package and the noxfile."""
-    session.install("-e", ".[test]", "mypy>=1.10", "nox")
-    session.run("mypy", "--strict", "src/looppool", "noxfile.py")
+    """mypy --strict on the package, a typed user program, and the noxfile."""
+    session.install("-e", ".[test]", "mypy>=1.10", "types-psutil", "nox")
+    session.run("mypy", "--strict", "src/looppool", "examples/typed_usage.py", "noxfile.py")
+
+
+@nox.session(python="3.11")
+def aiostatsd(session: nox.Session) -> None:
+    """The aiostatsd path of looppool.metrics (cystatsd ships no wheels: built here)."""
+    session.install("-e", ".[test]")
+    session.install("cython", "setuptools", "wheel")
+    session.install("--no-build-isolation", "aiostatsd")
+    session.run(
+        "pytest",
+        "tests/test_metrics.py",
+        "tests/test_monitor.py",
+        "-k",
+        "aiostatsd",
+        *session.posargs,
+    )
 
 
 @nox.session(python="3.11")

@@ -490,3 +490,14 @@ async def test_barrier_mode_aligns_stateful_workers(make: Any) -> None:
     by_message = {m: n for n, m in await collect(pool)}
     for round_start in range(0, 15, 3):
         assert {by_message[i] for i in range(round_start, round_start + 3)} == {0, 1, 2}
+
+
+async def test_stop_while_starting_ends_the_start(make: Any) -> None:
+    """stop() called while start() runs in another task ends both; no process stays."""
+    pool = make(w.Echo)
+    starting = asyncio.ensure_future(pool.start())
+    await asyncio.sleep(0)  # let start() spawn the processes
+    await pool.stop()
+    with pytest.raises(looppool.PoolClosed, match="while the pool was starting"):
+        await starting
+    assert all(pid is None for pid in pool.pids)

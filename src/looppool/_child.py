@@ -280,7 +280,7 @@ class _Runtime:
         try:
             await _maybe_await(self.worker.finalise())
         except Exception:
-            logger.exception("worker %d: finalise() raised", cfg.number)
+            logger.exception("finalise() raised")  # the parent tags it with the worker number
         self.out.add((P.EV_BYE,))
         self.out.detach()
 
@@ -432,13 +432,9 @@ class _Runtime:
     def _failed(self, mid: int, want_reply: bool, exc: Exception) -> None:
         self.failed += 1
         if not want_reply:
-            # Nobody awaits this message: the parent's log is where it shows.
-            logger.error(
-                "worker %d: process_message raised %s",
-                self.cfg.number,
-                type(exc).__name__,
-                exc_info=exc,
-            )
+            # Nobody awaits this message: the parent's log is where it shows
+            # (tagged there with the worker number).
+            logger.error("process_message raised %s", type(exc).__name__, exc_info=exc)
             self._done(mid, P.DONE_FAILED, None)
             return
         text = _format_exception(exc)

@@ -261,10 +261,9 @@ class Pool:
                 )
             if metrics_interval <= 0:
                 raise ValueError(f"metrics_interval must be > 0, not {metrics_interval}")
-            if isinstance(statsd, str):
-                from ._monitor import parse_statsd_address
+            from ._monitor import check_statsd_option
 
-                parse_statsd_address(statsd)  # raises ValueError at the point of the mistake
+            check_statsd_option(statsd)  # raises at the point of the mistake
             self._monitor = {
                 "statsd": statsd,
                 "statsd_prefix": statsd_prefix,
@@ -409,9 +408,11 @@ class Pool:
                 slot.ready = self._loop.create_future()
                 self._spawn(slot)
             await self._await_ready([s.ready for s in self._slots if s.ready is not None])
-        except BaseException:
+        except BaseException as exc:
             await self._kill_all()
             self._finish()
+            if self._stop_begun and isinstance(exc, WorkerStartError):
+                raise PoolClosed("stop() was called while the pool was starting") from exc
             raise
         if self._on_result_async:
             self._callback_task = self._loop.create_task(self._run_callbacks())
@@ -449,6 +450,12 @@ class Pool:
             await self._stopped.wait()
             return
         self._stop_begun = True
+        if self._state is _State.STARTING:
+            # start() is awaiting the workers in another task: end them; it
+            # cleans up and raises PoolClosed.
+            await self._kill_all()
+            await self._stopped.wait()
+            return
         self._state = _State.STOPPING
         self._wake_all_room_waiters()
         try:
@@ -1080,14 +1087,14 @@ class Pool:
         slot.state = _SlotState.DEAD
         if slot.exited is not None and not slot.exited.done():
             slot.exited.set_result(exitcode)
-        if previous is _SlotState.STARTING and not slot.killed:
+        if previous is _SlotState.STARTING:
             reason, tb = slot.start_error or (f"its process died ({describe_exit(exitcode)})", "")
-            error = WorkerStartError(slot.number, reason, tb, exitcode)
             if slot.ready is not None:  # the pool's start() awaits this one
                 if not slot.ready.done():
-                    slot.ready.set_exception(error)
+                    slot.ready.set_exception(WorkerStartError(slot.number, reason, tb, exitcode))
                 slot.ready = None
                 return
+        if previous is _SlotState.STARTING and not slot.killed:
             slot.failures += 1
             logger.error(
                 "pool %s: replacement of worker %d failed: %s", self.name, slot.number, reason
