@@ -501,3 +501,10 @@ async def test_stop_while_starting_ends_the_start(make: Any) -> None:
     with pytest.raises(looppool.PoolClosed, match="while the pool was starting"):
         await starting
     assert all(pid is None for pid in pool.pids)
+
+
+async def test_worker_processes_have_readable_titles(make: Any) -> None:
+    """With setproctitle installed, ps shows 'looppool: NAME worker N' for each worker."""
+    async with make(w.Echo, name="crawl") as pool:
+        titles = [" ".join(psutil.Process(pid).cmdline()).strip() for pid in pool.pids if pid]
+    assert titles == ["looppool: crawl worker 0", "looppool: crawl worker 1"]
