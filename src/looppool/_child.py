@@ -248,6 +248,7 @@ class _Runtime:
         self.process: Callable[[Any], Any]
         # Barrier mode: the listener takes a message only when a slot is free.
         self.slots = threading.Semaphore(cfg.concurrency)
+        self.shared_ids: set[int] = set()
 
     async def main(self) -> None:
         cfg = self.cfg
@@ -358,12 +359,18 @@ class _Runtime:
             # TAKEN is queued before the message runs, so the parent learns who
             # held it even if the message kills this process at once.
             self.out.add((P.EV_TAKEN, item[0]))
-            if not self._hand_over(self._on_items, [(P.OP_MSG, *item)]):
+            if not self._hand_over(self._on_shared, item):
                 return
             try:
                 barrier.wait()
             except threading.BrokenBarrierError:
                 return
+
+    def _on_shared(self, item: tuple[int, bool, bytes]) -> None:
+        # Only messages from the shared queue took a slot of the semaphore:
+        # directed ones, sent by the parent within its own window, did not.
+        self.shared_ids.add(item[0])
+        self._on_items([(P.OP_MSG, *item)])
 
     def _on_items(self, items: list[tuple[Any, ...]]) -> None:
         for item in items:
@@ -409,7 +416,8 @@ class _Runtime:
     def _done(self, mid: int, status: int, payload: Any) -> None:
         self.in_flight -= 1
         self.out.add((P.EV_DONE, mid, status, payload))
-        if self.cfg.shared_queue is not None:
+        if mid in self.shared_ids:
+            self.shared_ids.discard(mid)
             self.slots.release()
 
     def _succeeded(self, mid: int, want_reply: bool, result: Any) -> None:
