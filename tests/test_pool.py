@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 import looppool
+from looppool.testing import InlinePool
 import pool_workers as w
 
 
@@ -24,9 +25,28 @@ def distribution(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(params=["fork", "spawn", "inline"])
+def make(request: pytest.FixtureRequest, loop_kind: str) -> Any:
+    """Build a pool: processes under fork or spawn, or the in-process InlinePool.
+
+    Behaviour that needs no process runs on both kinds of pool, which keeps
+    InlinePool true to Pool.
+    """
+    backend = request.param
+
+    def build(worker: Any, size: int = 2, **options: Any) -> Any:
+        if backend == "inline":
+            return InlinePool(worker, size=size, **options)
+        options.setdefault("start_method", backend)
+        options.setdefault("loop", loop_kind)
+        return looppool.Pool(worker, size=size, **options)
+
+    return build
+
+
 @pytest.fixture
-def make(start_method: str, loop_kind: str) -> Any:
-    """Build a Pool with this run's start method and loop kind."""
+def make_process(start_method: str, loop_kind: str) -> Any:
+    """Build a process Pool, for behaviour that only processes have."""
 
     def build(worker: Any, size: int = 2, **options: Any) -> looppool.Pool:
         options.setdefault("start_method", start_method)
@@ -415,9 +435,9 @@ def test_constructor_rejects_bad_arguments() -> None:
 # -- processes ----------------------------------------------------------------------
 
 
-async def test_workers_ignore_sigint_and_sigterm(make: Any) -> None:
+async def test_workers_ignore_sigint_and_sigterm(make_process: Any) -> None:
     """SIGINT and SIGTERM sent to a worker leave it running: only the parent decides."""
-    async with make(w.Info, size=1) as pool:
+    async with make_process(w.Info, size=1) as pool:
         assert await pool.submit("signals") == (True, True)
         pid = await pool.submit("pid")
         os.kill(pid, signal.SIGINT)
@@ -442,11 +462,11 @@ async def test_forkserver_start_method(loop_kind: str) -> None:
 
 
 async def test_worker_logs_reach_the_parent_tagged_with_the_worker(
-    make: Any, caplog: pytest.LogCaptureFixture
+    make_process: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Log records of workers, exceptions included, reach the parent's logging."""
     caplog.set_level(logging.INFO)
-    async with make(w.Info) as pool:
+    async with make_process(w.Info) as pool:
         await pool.submit("log", worker=1)
         await pool.submit("log-error", worker=0)
     [hello] = [r for r in caplog.records if "hello from worker" in r.getMessage()]
@@ -472,9 +492,9 @@ async def test_stats_and_repr_describe_the_pool(make: Any) -> None:
     assert "stopped" in repr(pool)
 
 
-async def test_pids_are_the_worker_processes(make: Any) -> None:
+async def test_pids_are_the_worker_processes(make_process: Any) -> None:
     """pool.pids lists the live worker processes, which are gone after stop."""
-    async with make(w.Info) as pool:
+    async with make_process(w.Info) as pool:
         pids = pool.pids
         assert sorted(pids) == sorted([await pool.submit("pid", worker=k) for k in range(2)])  # type: ignore[type-var]
     for pid in pids:
@@ -503,8 +523,8 @@ async def test_stop_while_starting_ends_the_start(make: Any) -> None:
     assert all(pid is None for pid in pool.pids)
 
 
-async def test_worker_processes_have_readable_titles(make: Any) -> None:
+async def test_worker_processes_have_readable_titles(make_process: Any) -> None:
     """With setproctitle installed, ps shows 'looppool: NAME worker N' for each worker."""
-    async with make(w.Echo, name="crawl") as pool:
+    async with make_process(w.Echo, name="crawl") as pool:
         titles = [" ".join(psutil.Process(pid).cmdline()).strip() for pid in pool.pids if pid]
     assert titles == ["looppool: crawl worker 0", "looppool: crawl worker 1"]

@@ -542,6 +542,8 @@ class Pool:
         self._wake_results()
 
     async def _kill_all(self) -> None:
+        # No replacement may start for a worker we are killing on purpose.
+        self._accepting_respawns = False
         for slot in self._slots:
             if slot.alive and slot.process is not None:
                 slot.killed = True
