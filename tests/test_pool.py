@@ -1,4 +1,4 @@
-"""The core pool through its public API, under fork and spawn."""
+"""The core pool through its public API: under fork and spawn, and (where no process is needed) on InlinePool."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 import looppool
-from looppool.testing import InlinePool
 import pool_workers as w
+from looppool.testing import InlinePool
 
 
 @pytest.fixture(params=["rounds", "barrier"])
