@@ -1,4 +1,4 @@
-"""The core pool through its public API: under fork and spawn, and (where no process is needed) on InlinePool."""
+"""The core pool through its public API, under fork and spawn, and on InlinePool."""
 
 from __future__ import annotations
 
