@@ -57,3 +57,10 @@ def soak(session: nox.Session) -> None:
     """A long run with random worker kills (not in the default sessions)."""
     session.install("-e", ".")
     session.run("python", "benchmarks/soak.py", *session.posargs)
+
+
+@nox.session(python="3.11")
+def ray(session: nox.Session) -> None:
+    """RayPool on a local Ray instance (2 CPUs, 127.0.0.1 only)."""
+    session.install("-e", ".[test,ray]")
+    session.run("pytest", "tests/test_ray.py", *session.posargs)

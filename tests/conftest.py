@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 from collections.abc import Callable, Iterator, Mapping
 
@@ -12,6 +13,10 @@ import pytest
 #: The event loop the parent (and, by default, the workers) run in this test run:
 #: ``LOOPPOOL_TEST_LOOP=uvloop`` runs the whole suite on uvloop.
 LOOP_KIND = os.environ.get("LOOPPOOL_TEST_LOOP", "asyncio")
+
+# RayPool's tests need the `ray` extra; the nox session `ray` installs it and
+# runs them. Elsewhere they are not collected (rather than reported skipped).
+collect_ignore = [] if importlib.util.find_spec("ray") else ["test_ray.py"]
 
 _HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
 

@@ -1,0 +1,271 @@
+"""Worker classes for the RayPool tests; a module of its own so that Ray actors can import it.
+
+test_ray.py puts this directory on the actors' ``PYTHONPATH`` (a job-wide
+``runtime_env``), as a user would install their worker module on every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from typing import Any
+
+import looppool
+
+
+class Echo(looppool.SafeWorker):
+    """Puts (its number, the message) as a result and replies with the message."""
+
+    async def process_message(self, message: Any) -> Any:
+        if message == "pid":
+            return os.getpid()
+        self.put_result((self.number, message))
+        return message
+
+
+class SyncEcho(looppool.SafeWorker):
+    """Echo with plain (non-async) hooks."""
+
+    def initialise(self) -> None:
+        self.prefix = "sync"
+
+    def process_message(self, message: Any) -> Any:
+        self.put_result((self.number, message))
+        return (self.prefix, message)
+
+
+class Scaled(looppool.SafeWorker):
+    """A worker whose constructor takes an argument (built with functools.partial)."""
+
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    async def process_message(self, message: int) -> int:
+        return message * self.factor
+
+
+class Raising(looppool.SafeWorker):
+    """Raises for messages that say so, echoes the others."""
+
+    async def process_message(self, message: Any) -> Any:
+        if message == "raise":
+            raise ValueError(f"worker {self.number} was told to raise")
+        if message == "unpicklable-exception":
+            raise UnpicklableError(threading.Lock())
+        if message == "unpicklable-result":
+            self.put_result(threading.Lock())
+        if message == "unpicklable-reply":
+            return threading.Lock()
+        self.put_result((self.number, message))
+        return message
+
+
+class UnpicklableError(Exception):
+    """An exception carrying a lock: it cannot be pickled."""
+
+
+class FailingInit(looppool.SafeWorker):
+    """initialise() raises in worker 1."""
+
+    def initialise(self) -> None:
+        if self.number == 1:
+            raise RuntimeError("cannot open the database")
+
+    def process_message(self, message: Any) -> Any:
+        return message
+
+
+class NotAWorker:
+    """A class that is not a looppool.Worker."""
+
+
+def make_not_a_worker() -> Any:
+    """A factory returning something that is not a Worker."""
+    return NotAWorker()
+
+
+class Stateful(looppool.SafeWorker):
+    """Keeps a table updated by ("set", value) messages; replies with its table."""
+
+    def initialise(self) -> None:
+        self.table: list[Any] = []
+
+    def process_message(self, message: Any) -> Any:
+        if isinstance(message, tuple) and message[0] == "set":
+            self.table.append(message[1])
+            self.put_result((self.number, message[1]))
+            return None
+        return list(self.table)
+
+
+class Finalising(looppool.SafeWorker):
+    """Puts a result from finalise(), to show that it runs at stop."""
+
+    async def process_message(self, message: Any) -> Any:
+        return message
+
+    async def finalise(self) -> None:
+        self.put_result((self.number, "finalised"))
+
+
+class Logging(looppool.SafeWorker):
+    """Logs from inside the actor, and prints to its stdout."""
+
+    async def process_message(self, message: Any) -> Any:
+        if message == "log":
+            logging.getLogger("tests.ray_worker").warning("hello from worker %d", self.number)
+        elif message == "log-error":
+            try:
+                raise KeyError("missing")
+            except KeyError:
+                logging.getLogger("tests.ray_worker").exception("it failed in %d", self.number)
+        elif message == "raise":
+            raise ValueError("nobody awaits this one")
+        return message
+
+
+class Gate:
+    """A latch the test opens; actors wait on it over a Unix socket (Ray runs locally).
+
+    It survives a waiter that is killed, and waiting on it blocks nothing but
+    the waiting task.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+        self._open = False
+        self._writers: list[asyncio.StreamWriter] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
+
+    async def wait(self) -> None:
+        """In an actor: return once the test opens the gate."""
+        reader, writer = await asyncio.open_unix_connection(self.path)
+        try:
+            await reader.read(1)
+        finally:
+            writer.close()
+
+    async def serve(self) -> None:
+        """In the test: start answering waiters."""
+        self._server = await asyncio.start_unix_server(self._on_waiter, self.path)
+
+    async def _on_waiter(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open:
+            writer.write(b"!")
+        self._writers.append(writer)
+
+    def open(self) -> None:
+        """In the test: release every waiter, now and later."""
+        self._open = True
+        for writer in self._writers:
+            if not writer.is_closing():
+                writer.write(b"!")
+
+    async def close(self) -> None:
+        """In the test: stop the server."""
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+class Gated(looppool.SafeWorker):
+    """Holds ("hold", x) messages at a gate, saying so first; reports its peak concurrency."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.running = 0
+        self.peak = 0
+
+    async def process_message(self, message: Any) -> Any:
+        if message == "pid":
+            return os.getpid()
+        if message == "peak":
+            return self.peak
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            if isinstance(message, tuple) and message[0] == "hold":
+                self.put_result((self.number, "holding", message[1]))
+                await self.gate.wait()
+            self.put_result((self.number, "done", message))
+            return message
+        finally:
+            self.running -= 1
+
+
+class GatedWorker(looppool.Worker):
+    """Gated as a plain Worker: its messages are not re-delivered after a death."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    async def process_message(self, message: Any) -> Any:
+        if message == "hold":
+            self.put_result((self.number, "holding"))
+            await self.gate.wait()
+        return message
+
+
+class Cancellable(looppool.Worker):
+    """A Worker whose "hang" messages wait forever; reports cancellation as a result."""
+
+    async def process_message(self, message: Any) -> Any:
+        if message == "hang":
+            self.put_result((self.number, "started"))
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self.put_result((self.number, "cancelled"))
+        self.put_result((self.number, message))
+        return message
+
+
+class Stuck(looppool.SafeWorker):
+    """A SafeWorker whose "hang" messages never finish: only a stop timeout ends them."""
+
+    async def process_message(self, message: Any) -> Any:
+        if message == "hang":
+            self.put_result((self.number, "hanging"))
+            await asyncio.Event().wait()
+        return message
+
+
+class Ordered(looppool.SafeWorker):
+    """Records the order in which its messages start."""
+
+    def initialise(self) -> None:
+        self.seen: list[Any] = []
+
+    def process_message(self, message: Any) -> Any:
+        if message == "seen":
+            return list(self.seen)
+        self.seen.append(message)
+        return None
+
+
+class Fragile(looppool.SafeWorker):
+    """Dies (os._exit) on "exit"; refuses to start once a marker file exists."""
+
+    def __init__(self, marker: str | None = None) -> None:
+        self.marker = marker
+
+    def initialise(self) -> None:
+        # The crash-loop test creates the marker after the first start, so
+        # every replacement fails while the first generation started fine.
+        if self.marker is not None and os.path.exists(self.marker):
+            raise RuntimeError("replacement refuses to start")
+
+    def process_message(self, message: Any) -> Any:
+        if message == "exit":
+            os._exit(3)
+        return message
