@@ -20,26 +20,23 @@ The module stays light: a spawned worker imports it and the user's module only.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import pickle
 import select
 import signal
 import threading
-import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
 from . import _protocol as P
+from ._runner import MessageRunner
 from ._worker import Worker
 
 EXIT_ORPHANED: Final = 70  # the parent died; the worker ended itself
-CANCEL_GRACE: Final = 1.0  # seconds a cancelled Worker's tasks get to run their finally blocks
 
-logger = logging.getLogger("looppool.worker")
 
 
 @dataclass(frozen=True)
@@ -223,65 +220,35 @@ def _forward_logging(outbox: Outbox, level: int) -> None:
     root.setLevel(level)
 
 
-def _format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc))
-
-
-async def _maybe_await(value: Awaitable[None] | None) -> None:
-    if inspect.isawaitable(value):
-        await value
-
-
 class _Runtime:
     """Runs one worker object on the process's event loop."""
 
     def __init__(self, cfg: ChildConfig, outbox: Outbox) -> None:
         self.cfg = cfg
         self.out = outbox
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.in_flight = 0
-        self.processed = 0
-        self.failed = 0
+        self.runner = MessageRunner(cfg.factory, cfg.number, outbox.add, self._release_slot)
         self.loop: asyncio.AbstractEventLoop
-        self.worker: Worker
         self.stop_requested: asyncio.Future[bool]
-        self.process: Callable[[Any], Any]
         # Barrier mode: the listener takes a message only when a slot is free.
         self.slots = threading.Semaphore(cfg.concurrency)
         self.shared_ids: set[int] = set()
 
     async def main(self) -> None:
-        cfg = self.cfg
         self.loop = loop = asyncio.get_running_loop()
         self.stop_requested = loop.create_future()
         self.out.attach(loop)
-        try:
-            worker = cfg.factory()
-            if not isinstance(worker, Worker):
-                raise TypeError(
-                    f"the worker factory returned {worker!r}, not an instance of looppool.Worker"
-                )
-            worker.number = cfg.number
-            worker._looppool_sink = self.put_result
-            self.worker = worker
-            self.process = worker.process_message
-            await _maybe_await(worker.initialise())
-        except BaseException as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            self.out.add((P.EV_START_FAILED, reason, _format_exception(exc)))
+        worker = await self.runner.initialise()
+        if worker is None:
             self.out.detach()
             return
         monitor = self._start_monitor()
         self.out.add((P.EV_READY, os.getpid(), worker.safe))
         self._start_listeners()
         cancel = await self.stop_requested
-        await self._finish_in_flight(cancel)
+        await self.runner.finish_in_flight(cancel)
         if monitor is not None:
             await monitor.aclose()
-        try:
-            await _maybe_await(self.worker.finalise())
-        except Exception:
-            logger.exception("finalise() raised")  # the parent tags it with the worker number
+        await self.runner.finalise()
         self.out.add((P.EV_BYE,))
         self.out.detach()
 
@@ -295,19 +262,12 @@ class _Runtime:
             loop=self.loop,
             number=self.cfg.number,
             pool_name=self.cfg.pool_name,
-            counters=self.counters,
+            counters=self.runner.counters,
             on_blocked=self._on_blocked,
             **options,
         )
         monitor.start()
         return monitor
-
-    def counters(self) -> dict[str, float]:
-        return {
-            "messages.in_flight": self.in_flight,
-            "messages.processed": self.processed,
-            "messages.failed": self.failed,
-        }
 
     def _on_blocked(self) -> None:
         self.out.add((P.EV_BLOCKED,))  # thread-safe: called from the watchdog thread
@@ -372,102 +332,21 @@ class _Runtime:
         self.shared_ids.add(item[0])
         self._on_items([(P.OP_MSG, *item)])
 
+    def _release_slot(self, mid: int) -> None:
+        if mid in self.shared_ids:
+            self.shared_ids.discard(mid)
+            self.slots.release()
+
     def _on_items(self, items: list[tuple[Any, ...]]) -> None:
+        runner = self.runner
         for item in items:
             if item[0] == P.OP_MSG:
                 if self.stop_requested.done():
                     # Barrier mode: the shared listener took it after the stop
                     # began. Do not start it; the parent sends it again or
                     # counts it lost.
-                    self.in_flight += 1
-                    self._done(item[1], P.DONE_CANCELLED, None)
+                    runner.refuse(item[1])
                 else:
-                    self._start(item[1], item[2], item[3])
+                    runner.start(item[1], item[2], item[3])
             elif not self.stop_requested.done():
                 self.stop_requested.set_result(bool(item[1]))
-
-    # -- running -----------------------------------------------------------
-
-    def _start(self, mid: int, want_reply: bool, payload: bytes) -> None:
-        self.in_flight += 1
-        try:
-            result = self.process(pickle.loads(payload))
-        except Exception as exc:
-            self._failed(mid, want_reply, exc)
-            return
-        if inspect.isawaitable(result):
-            task = self.loop.create_task(self._await(mid, want_reply, result))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-        else:
-            self._succeeded(mid, want_reply, result)
-
-    async def _await(self, mid: int, want_reply: bool, awaitable: Awaitable[Any]) -> None:
-        try:
-            result = await awaitable
-        except asyncio.CancelledError:
-            self._done(mid, P.DONE_CANCELLED, None)
-            raise
-        except Exception as exc:
-            self._failed(mid, want_reply, exc)
-        else:
-            self._succeeded(mid, want_reply, result)
-
-    def _done(self, mid: int, status: int, payload: Any) -> None:
-        self.in_flight -= 1
-        self.out.add((P.EV_DONE, mid, status, payload))
-        if mid in self.shared_ids:
-            self.shared_ids.discard(mid)
-            self.slots.release()
-
-    def _succeeded(self, mid: int, want_reply: bool, result: Any) -> None:
-        if want_reply:
-            try:
-                payload: bytes | None = pickle.dumps(result, P.PROTOCOL)
-            except Exception as exc:
-                error = TypeError(
-                    f"worker {self.cfg.number}: the reply of process_message could not be "
-                    f"pickled: {type(exc).__name__}: {exc}"
-                )
-                error.__cause__ = exc
-                self._failed(mid, want_reply, error)
-                return
-        else:
-            payload = None
-        self.processed += 1
-        self._done(mid, P.DONE_OK, payload)
-
-    def _failed(self, mid: int, want_reply: bool, exc: Exception) -> None:
-        self.failed += 1
-        if not want_reply:
-            # Nobody awaits this message: the parent's log is where it shows
-            # (tagged there with the worker number).
-            logger.error("process_message raised %s", type(exc).__name__, exc_info=exc)
-            self._done(mid, P.DONE_FAILED, None)
-            return
-        text = _format_exception(exc)
-        try:
-            pickled: bytes | None = pickle.dumps(exc, P.PROTOCOL)
-            # An exception may pickle yet fail to unpickle (an __init__ that
-            # takes other arguments than it passes to Exception).
-            pickle.loads(pickled)  # type: ignore[arg-type]
-        except Exception:
-            pickled = None
-        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        self._done(mid, P.DONE_FAILED, (pickled, name, repr(exc), text))
-
-    def put_result(self, value: Any) -> None:
-        # Pickled here, in the caller: an unpicklable result raises inside
-        # process_message and fails that message, not a whole frame.
-        self.out.add((P.EV_RESULT, pickle.dumps(value, P.PROTOCOL)))
-
-    async def _finish_in_flight(self, cancel: bool) -> None:
-        if not self.tasks:
-            return
-        if cancel:
-            for task in self.tasks:
-                task.cancel()
-            await asyncio.wait(set(self.tasks), timeout=CANCEL_GRACE)
-        else:
-            while self.tasks:
-                await asyncio.wait(set(self.tasks))
