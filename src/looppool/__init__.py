@@ -3,6 +3,7 @@
 See the README for a guide; the public names are re-exported here.
 """
 
+from ._core import PoolStats as PoolStats
 from ._errors import LooppoolError as LooppoolError
 from ._errors import PoolBroken as PoolBroken
 from ._errors import PoolClosed as PoolClosed
@@ -12,7 +13,6 @@ from ._errors import RemoteTraceback as RemoteTraceback
 from ._errors import WorkerLost as WorkerLost
 from ._errors import WorkerStartError as WorkerStartError
 from ._pool import Pool as Pool
-from ._pool import PoolStats as PoolStats
 from ._worker import SafeWorker as SafeWorker
 from ._worker import Worker as Worker
 from ._worker import WorkerFactory as WorkerFactory

@@ -332,10 +332,9 @@ class PoolCore(Generic[S]):
             for slot in self._slots:
                 if slot.alive:
                     logger.warning(
-                        "pool %s: stop(timeout=%s) expired; killing %s %d (pid %s)",
+                        "pool %s: stop(timeout=%s) expired; killing worker %d (pid %s)",
                         self.name,
                         timeout,
-                        self._noun,
                         slot.number,
                         slot.pid,
                     )
@@ -632,6 +631,7 @@ class PoolCore(Generic[S]):
                 self._on_taken(slot, item[1])
             elif op == P.EV_READY:
                 self._safe = item[2]  # authoritative: the factory's product decides
+                self._ready_info(slot, item[3:])
                 self._on_ready(slot, item[1])
             elif op == P.EV_START_FAILED:
                 slot.start_error = (item[1], item[2])
@@ -815,20 +815,11 @@ class PoolCore(Generic[S]):
             if not slot.killed:
                 slot.failures += 1
                 logger.error(
-                    "pool %s: replacement of %s %d failed: %s",
-                    self.name,
-                    self._noun,
-                    slot.number,
-                    reason,
+                    "pool %s: replacement of worker %d failed: %s", self.name, slot.number, reason
                 )
         elif not (slot.said_bye or slot.killed):
             logger.error(
-                "pool %s: %s %d (pid %s) died (%s)",
-                self.name,
-                self._noun,
-                slot.number,
-                slot.pid,
-                cause,
+                "pool %s: worker %d (pid %s) died (%s)", self.name, slot.number, slot.pid, cause
             )
         if previous is SlotState.STOPPING or slot.killed:
             # Told to stop (or killed by us): nothing to replace. A stopping
@@ -893,7 +884,7 @@ class PoolCore(Generic[S]):
         if slot.failures >= MAX_START_FAILURES:
             last = slot.start_error[0] if slot.start_error else f"its {self._noun} died"
             self._break(
-                f"{self._noun} {slot.number} failed to start {slot.failures} times in a row "
+                f"worker {slot.number} failed to start {slot.failures} times in a row "
                 f"(last: {last})"
             )
             return
@@ -912,9 +903,9 @@ class PoolCore(Generic[S]):
             self._launch(slot)
         except Exception as exc:
             slot.state = SlotState.DEAD
-            self._break(f"{self._noun} {slot.number} could not be restarted: {exc!r}")
+            self._break(f"worker {slot.number} could not be restarted: {exc!r}")
             return
-        logger.info("pool %s: %s %d restarted", self.name, self._noun, slot.number)
+        logger.info("pool %s: worker %d restarted", self.name, slot.number)
 
     def _break(self, reason: str) -> None:
         """Give up: a worker keeps failing to start. Fail everything, loudly."""
@@ -968,6 +959,9 @@ class PoolCore(Generic[S]):
     def _share(self, msg: Msg) -> bool:
         """Barrier mode: put a shared message on the shared queue; False if not in use."""
         return False
+
+    def _ready_info(self, slot: S, extra: tuple[Any, ...]) -> None:
+        """What a worker reports beyond its pid when ready (an actor: its node)."""
 
     def _on_taken(self, slot: S, mid: int) -> None:
         """Barrier mode: a worker took a message from the shared queue."""

@@ -47,6 +47,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from ._core import DEFAULT_CONCURRENCY, DEFAULT_MAX_PENDING, PoolStats
 from ._errors import (
     LooppoolError,
     PoolClosed,
@@ -55,7 +56,7 @@ from ._errors import (
     RemoteTraceback,
     WorkerStartError,
 )
-from ._pool import DEFAULT_CONCURRENCY, DEFAULT_MAX_PENDING, Pool, PoolStats
+from ._pool import Pool
 from ._worker import Worker
 
 if TYPE_CHECKING:
