@@ -328,14 +328,14 @@ async def test_a_cancelled_error_of_the_handler_own_is_a_failure() -> None:
 
 
 async def test_initialise_failure_raises_worker_start_error_and_finalises_the_others() -> None:
-    """start() raises WorkerStartError chained to the error; initialised workers are finalised."""
+    """start() raises WorkerStartError with the traceback; initialised workers are finalised."""
     log: list[str] = []
     pool = InlinePool(functools.partial(Finalising, log, fail_initialise=1), 3)
     with pytest.raises(looppool.WorkerStartError, match="cannot open the database") as info:
         await pool.start()
     assert info.value.number == 1
     assert "RuntimeError" in info.value.remote_traceback
-    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "RuntimeError: cannot open the database" in info.value.remote_traceback
     assert sorted(log) == ["finalise 0", "finalise 2", "initialise 0", "initialise 2"]
     with pytest.raises(looppool.PoolClosed):
         pool.put_nowait(1)
@@ -535,7 +535,7 @@ async def test_worker_stop_cancels_in_flight_and_drops_queued() -> None:
     await pool.stop()
     with pytest.raises(looppool.PoolClosed, match="while the message was running"):
         await running
-    with pytest.raises(looppool.PoolClosed, match="before the message was processed"):
+    with pytest.raises(looppool.PoolClosed, match="before the message was sent to a worker"):
         await queued
     assert await collect(pool) == [(0, "cancelled", "hold")]
     assert events == [("start", "hold"), ("end", "hold")]
@@ -659,7 +659,7 @@ async def test_a_failing_finalise_is_logged_and_the_stop_completes(
     async with InlinePool(BadFinalise, 2):
         pass
     messages = sorted(r.getMessage() for r in caplog.records)
-    assert messages == ["worker 0: finalise() raised", "worker 1: finalise() raised"]
+    assert messages == ["[worker 0] finalise() raised", "[worker 1] finalise() raised"]
 
 
 async def test_put_result_after_stop_raises() -> None:

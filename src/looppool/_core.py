@@ -143,6 +143,8 @@ class PoolCore(Generic[S]):
     """The parent API and its ledger; subclasses start, feed and watch workers."""
 
     _noun = "worker"  # what a worker is called in messages: "worker", "actor"
+    # How replies and results are decoded (InlinePool(pickle=False): as they are).
+    _loads: Callable[[Any], Any] = staticmethod(pickle.loads)
 
     def __init__(
         self,
@@ -312,6 +314,7 @@ class PoolCore(Generic[S]):
         if self._state is State.NEW:
             self._state = State.STOPPED
             self._stopped.set()
+            self._no_more_results = True  # results() of a pool never started ends at once
             return
         if self._stop_begun:
             await self._stopped.wait()
@@ -651,7 +654,7 @@ class PoolCore(Generic[S]):
             self._n_processed += 1
             if future is not None and not future.done():
                 try:
-                    future.set_result(pickle.loads(payload))
+                    future.set_result(self._loads(payload))
                 except Exception as exc:
                     future.set_exception(
                         RemoteError(
@@ -662,7 +665,7 @@ class PoolCore(Generic[S]):
         elif status == P.DONE_FAILED:
             self._n_failed += 1
             if future is not None and not future.done():
-                future.set_exception(rebuild_exception(payload))
+                future.set_exception(rebuild_exception(payload, self._loads))
         elif self._resend_cancelled(slot, msg):
             return
         else:
@@ -702,7 +705,7 @@ class PoolCore(Generic[S]):
     def _on_result_payload(self, payload: bytes) -> None:
         self._n_results += 1
         try:
-            value = pickle.loads(payload)
+            value = self._loads(payload)
         except Exception:
             logger.exception("pool %s: a result could not be unpickled in the parent", self.name)
             return
@@ -1008,7 +1011,7 @@ def short_repr(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def rebuild_exception(payload: Any) -> BaseException:
+def rebuild_exception(payload: Any, loads: Callable[[Any], Any] = pickle.loads) -> BaseException:
     """Re-create a worker's exception from an EV_DONE failure payload."""
     if payload is None:
         return RemoteError("Exception", "process_message failed", "")
@@ -1016,7 +1019,7 @@ def rebuild_exception(payload: Any) -> BaseException:
     exc: BaseException | None = None
     if pickled is not None:
         try:
-            exc = pickle.loads(pickled)
+            exc = loads(pickled)
         except Exception:
             exc = None
     if not isinstance(exc, BaseException):

@@ -26,6 +26,11 @@ logger = logging.getLogger("looppool.worker")
 Emit = Callable[[tuple[Any, ...]], None]
 
 
+def pickle_dumps(value: Any) -> bytes:
+    """``pickle.dumps`` with the protocol the pool uses."""
+    return pickle.dumps(value, P.PROTOCOL)
+
+
 def format_exception(exc: BaseException) -> str:
     """The traceback of ``exc`` as text."""
     return "".join(traceback.format_exception(exc))
@@ -50,11 +55,19 @@ class MessageRunner:
         number: int,
         emit: Emit,
         on_done: Callable[[int], None] | None = None,
+        *,
+        dumps: Callable[[Any], Any] = pickle_dumps,
+        loads: Callable[[Any], Any] = pickle.loads,
+        log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
     ) -> None:
         self.factory = factory
         self.number = number
         self.emit = emit
         self.on_done = on_done
+        # InlinePool(pickle=False) hands objects over as they are.
+        self.dumps = dumps
+        self.loads = loads
+        self.log = log
         self.tasks: set[asyncio.Task[None]] = set()
         self.in_flight = 0
         self.processed = 0
@@ -88,7 +101,7 @@ class MessageRunner:
         try:
             await maybe_await(self.worker.finalise())
         except Exception:
-            logger.exception("finalise() raised")  # the parent tags it with the worker number
+            self.log.exception("finalise() raised")  # the parent tags it with the worker number
 
     def counters(self) -> dict[str, float]:
         """The message counts, for the resource reporter."""
@@ -101,13 +114,13 @@ class MessageRunner:
     def put_result(self, value: Any) -> None:
         # Pickled here, in the caller: an unpicklable result raises inside
         # process_message and fails that message, not a whole frame.
-        self.emit((P.EV_RESULT, pickle.dumps(value, P.PROTOCOL)))
+        self.emit((P.EV_RESULT, self.dumps(value)))
 
     def start(self, mid: int, want_reply: bool, payload: bytes) -> None:
         """Start one message: inline if the handler is plain, as a task if it awaits."""
         self.in_flight += 1
         try:
-            result = self._process(pickle.loads(payload))
+            result = self._process(self.loads(payload))
         except Exception as exc:
             self._failed(mid, want_reply, exc)
             return
@@ -126,9 +139,15 @@ class MessageRunner:
     async def _await(self, mid: int, want_reply: bool, awaitable: Awaitable[Any]) -> None:
         try:
             result = await awaitable
-        except asyncio.CancelledError:
-            self._done(mid, P.DONE_CANCELLED, None)
-            raise
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled by a Worker pool's stop: the message is lost.
+                self._done(mid, P.DONE_CANCELLED, None)
+                raise
+            # The handler's own CancelledError (an inner task it awaited was
+            # cancelled): nobody cancelled this message, so it failed.
+            self._failed(mid, want_reply, exc)
         except Exception as exc:
             self._failed(mid, want_reply, exc)
         else:
@@ -144,7 +163,7 @@ class MessageRunner:
         payload: bytes | None = None
         if want_reply:
             try:
-                payload = pickle.dumps(result, P.PROTOCOL)
+                payload = self.dumps(result)
             except Exception as exc:
                 error = TypeError(
                     f"worker {self.number}: the reply of process_message could not be "
@@ -156,20 +175,20 @@ class MessageRunner:
         self.processed += 1
         self._done(mid, P.DONE_OK, payload)
 
-    def _failed(self, mid: int, want_reply: bool, exc: Exception) -> None:
+    def _failed(self, mid: int, want_reply: bool, exc: BaseException) -> None:
         self.failed += 1
         if not want_reply:
             # Nobody awaits this message: the parent's log is where it shows
             # (tagged there with the worker number).
-            logger.error("process_message raised %s", type(exc).__name__, exc_info=exc)
+            self.log.error("process_message raised %s", type(exc).__name__, exc_info=exc)
             self._done(mid, P.DONE_FAILED, None)
             return
         text = format_exception(exc)
         try:
-            pickled: bytes | None = pickle.dumps(exc, P.PROTOCOL)
+            pickled: Any = self.dumps(exc)
             # An exception may pickle yet fail to unpickle (an __init__ that
             # takes other arguments than it passes to Exception).
-            pickle.loads(pickled)  # type: ignore[arg-type]
+            self.loads(pickled)
         except Exception:
             pickled = None
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"

@@ -35,36 +35,34 @@ processes are started, only when a fixture is used.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import enum
-import inspect
+import functools
 import logging
 import os
-import pickle
-import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ._core import DEFAULT_CONCURRENCY, DEFAULT_MAX_PENDING, PoolStats
-from ._errors import (
-    LooppoolError,
-    PoolClosed,
-    QueueFull,
-    RemoteError,
-    RemoteTraceback,
-    WorkerStartError,
+from . import _protocol as P
+from ._core import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_PENDING,
+    Msg,
+    PoolCore,
+    PoolStats,
+    Slot,
+    SlotState,
+    State,
 )
+from ._errors import WorkerLost
 from ._pool import Pool
+from ._runner import MessageRunner
 from ._worker import Worker
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     import psutil
 
-__all__ = ["InlinePool", "InlinePoolFactory", "PoolFactory"]
+__all__ = ["InlinePool", "InlinePoolFactory", "PoolFactory", "PoolStats"]
 
 #: The values ``Pool`` accepts for the options that InlinePool ignores; they
 #: are checked all the same, so that a typo fails here as it would in Pool.
@@ -72,72 +70,7 @@ LOOP_KINDS: Final = ("auto", "asyncio", "uvloop")
 START_METHODS: Final = ("fork", "spawn", "forkserver")
 DISTRIBUTIONS: Final = ("rounds", "barrier")
 
-_PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
-
-# The loggers Pool uses: a worker's failures, and the parent's own.
 worker_logger: Final = logging.getLogger("looppool.worker")
-logger: Final = logging.getLogger("looppool")
-
-
-class _State(enum.Enum):
-    NEW = "new"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-
-class _Item:
-    """One accepted message on its way through a worker."""
-
-    __slots__ = ("done", "payload", "reply", "seq")
-
-    def __init__(self, seq: int, payload: Any, reply: asyncio.Future[Any] | None) -> None:
-        # Order of acceptance: the key in InlinePool._unfinished.
-        self.seq = seq
-        # The message, pickled when the pool pickles (the worker's task unpickles it).
-        self.payload = payload
-        # submit()'s future; None for put() and broadcast().
-        self.reply = reply
-        # Made only when drain() waits for this item.
-        self.done: asyncio.Future[None] | None = None
-
-
-class _Slot:
-    """A worker and what it holds: the messages queued for it and those running."""
-
-    __slots__ = ("backlog", "idle", "initialised", "number", "tasks", "worker")
-
-    def __init__(self, number: int, worker: Worker) -> None:
-        self.number = number
-        self.worker = worker
-        # Accepted, waiting for a free place among the worker's `concurrency`.
-        self.backlog: collections.deque[_Item] = collections.deque()
-        self.tasks: dict[asyncio.Task[None], _Item] = {}
-        # Set when a task ends leaving backlog and tasks both empty.
-        self.idle = asyncio.Event()
-        # initialise() returned: finalise() must run.
-        self.initialised = False
-
-
-async def _call_hook(hook: Callable[..., Any], *args: Any) -> Any:
-    """Call a worker hook that may be a plain or a coroutine function."""
-    value = hook(*args)
-    if inspect.isawaitable(value):
-        value = await value
-    return value
-
-
-def _format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc))
-
-
-def _short_repr(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__qualname__} object>"
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _check_choice(option: str, value: object, choices: tuple[str, ...]) -> None:
@@ -145,17 +78,34 @@ def _check_choice(option: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{option} must be one of {', '.join(map(repr, choices))}, not {value!r}")
 
 
-def _check_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, not {value!r}")
+def _as_is(value: Any) -> Any:
+    return value
 
 
-def _describe_factory(worker: Any) -> str:
-    func = getattr(worker, "func", worker)  # functools.partial
-    return str(getattr(func, "__name__", type(func).__name__))
+def _drop(item: tuple[Any, ...]) -> None:
+    pass
 
 
-class InlinePool:
+class _TaggedLog(logging.LoggerAdapter[logging.Logger]):
+    """Tags a worker's own log records as Pool's parent does for forwarded ones."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        number = self.extra["worker"] if self.extra else -1
+        kwargs["extra"] = {**kwargs.get("extra", {}), "worker": number}
+        return f"[worker {number}] {msg}", kwargs
+
+
+class _InlineSlot(Slot):
+    """A slot served by a worker object running as a task on the caller's loop."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(number)
+        self.runner: MessageRunner | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.stop_requested: asyncio.Future[bool] | None = None
+
+
+class InlinePool(PoolCore[_InlineSlot]):
     """A stand-in for :class:`looppool.Pool` that runs its workers in this process.
 
     ``InlinePool(worker, size=1, *, concurrency=..., max_pending=...,
@@ -170,7 +120,9 @@ class InlinePool:
     ``put`` messages logged on ``looppool.worker`` and counted, a
     ``SafeWorker`` stop that processes everything, a ``Worker`` stop that
     cancels what is in flight, :exc:`~looppool.PoolClosed` after the stop and
-    :exc:`~looppool.WorkerStartError` when ``initialise()`` raises.
+    :exc:`~looppool.WorkerStartError` when ``initialise()`` raises. It is
+    built on the same ledger as ``Pool`` (dealing, windows, ``drain()``,
+    results), so these behave as in ``Pool`` by construction.
 
     With ``pickle=True`` (the default) every message, result and reply makes a
     pickle round trip where ``Pool`` would pickle it, so the worker gets a
@@ -201,637 +153,124 @@ class InlinePool:
         pickle: bool = True,
         **process_options: Any,
     ) -> None:
-        if not callable(worker):
-            raise TypeError(f"worker must be a Worker subclass or a callable, not {worker!r}")
-        if isinstance(worker, type) and not issubclass(worker, Worker):
-            raise TypeError(
-                f"worker class {worker.__qualname__} does not derive from looppool.Worker"
-            )
-        if size is None:
-            size = os.cpu_count() or 1
-        _check_int("size", size)
-        _check_int("concurrency", concurrency)
-        _check_int("max_pending", max_pending)
-        if on_result is not None and not callable(on_result):
-            raise TypeError(f"on_result must be callable, not {on_result!r}")
+        super().__init__(
+            worker,
+            size if size is not None else (os.cpu_count() or 1),
+            concurrency=concurrency,
+            max_pending=max_pending,
+            on_result=on_result,
+            name=name,
+        )
         _check_choice("loop", process_options.get("loop", "auto"), LOOP_KINDS)
         if process_options.get("start_method") is not None:
             _check_choice("start_method", process_options["start_method"], START_METHODS)
         _check_choice("distribution", process_options.get("distribution", "rounds"), DISTRIBUTIONS)
+        self._use_pickle = pickle
+        if not pickle:
+            self._loads = _as_is
 
-        self._factory = worker
-        self._size = size
-        self._concurrency = concurrency
-        self._max_pending = max_pending
-        self._on_result = on_result
-        self._on_result_async = on_result is not None and (
-            inspect.iscoroutinefunction(on_result)
-            or inspect.iscoroutinefunction(getattr(on_result, "__call__", None))  # noqa: B004
-        )
-        #: Shown in messages and task names.
-        self.name = name if name is not None else _describe_factory(worker)
-        self._pickle = pickle
-
-        self._state = _State.NEW
-        self._stop_begun = False
-        self._stopped = asyncio.Event()
-        self._slots: list[_Slot] = []
-        self._initialising: asyncio.Future[list[Any]] | None = None
-        self._safe = False
-        self._next_in_round = 0
-        # Accepted and not yet finished, in order of acceptance: what drain()
-        # waits for and max_pending limits.
-        self._unfinished: dict[int, _Item] = {}
-        self._seq = 0
-        self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-        # Results wait here for results(), or for an async on_result, which
-        # one task calls in order (a plain on_result is called at once).
-        self._results: collections.deque[Any] = collections.deque()
-        self._results_changed = asyncio.Event()
-        self._callback_task: asyncio.Task[None] | None = None
-        self._buffered = 0  # results buffered for an async on_result
-        self._delivered = 0  # ... and finished by it
-        self._delivered_changed = asyncio.Event()
-        self._discard_results = False  # start() failed: the workers are as good as killed
-
-        self._n_put = self._n_processed = self._n_failed = self._n_lost = self._n_results = 0
-
-    # -- looking at it ------------------------------------------------------
-
-    @property
-    def size(self) -> int:
-        """The number of workers."""
-        return self._size
+    def _new_slot(self, number: int) -> _InlineSlot:
+        return _InlineSlot(number)
 
     @property
     def pids(self) -> tuple[None, ...]:
-        """``None`` for every worker: an InlinePool has no worker processes.
-
-        (Not this process's pid: a test that kills "a worker" would kill itself.)
-        """
+        """No worker has a process of its own: ``None`` for each."""
         return (None,) * self._size
 
-    def stats(self) -> PoolStats:
-        """Return a frozen snapshot of the counts (``respawns``, ``blocked``... stay 0)."""
-        return PoolStats(
-            put=self._n_put,
-            processed=self._n_processed,
-            failed=self._n_failed,
-            lost=self._n_lost,
-            results=self._n_results,
-            pending=len(self._unfinished),
-            redelivered=0,
-            respawns=0,
-            blocked=0,
-            in_flight=tuple(len(slot.tasks) for slot in self._slots)
-            if self._slots
-            else (0,) * self._size,
-        )
-
     def __repr__(self) -> str:
-        in_flight = sum(len(slot.tasks) for slot in self._slots)
+        in_flight = sum(len(s.held) for s in self._slots)
         return (
             f"<looppool.testing.InlinePool {self.name!r} {self._state.value}, "
-            f"{self._size} workers (inline), {in_flight} in flight, "
-            f"{len(self._unfinished)} pending>"
+            f"{self._size} workers (inline), {in_flight} in flight, {self._pending} pending>"
         )
 
-    # -- life cycle ---------------------------------------------------------
-
-    async def __aenter__(self) -> InlinePool:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # The body failed (cancellation included): start nothing more, let
-        # in-flight messages finish (SafeWorker) or cancel them, as Pool does.
-        await self._shutdown(graceful=exc is None, limit=None)
-
-    async def start(self) -> None:
-        """Make the workers and run every ``initialise()``, concurrently.
-
-        Raises :exc:`~looppool.WorkerStartError` (chained to the worker's
-        exception) if making a worker or its ``initialise()`` fails, and the
-        pool is stopped; :exc:`~looppool.PoolClosed` if :meth:`stop` is
-        called meanwhile. Where ``Pool`` kills the processes, the workers
-        that did initialise run ``finalise()`` (so that what they opened does
-        not leak into the next test), and what they send then is dropped.
-        """
-        if self._state is not _State.NEW:
-            raise PoolClosed(f"{self!r} was already started; a pool starts once")
-        self._state = _State.STARTING
-        try:
-            for number in range(self._size):
-                self._slots.append(_Slot(number, self._make_worker(number)))
-            self._safe = self._slots[0].worker.safe
-            # Concurrently, as in worker processes: one initialise() may wait
-            # for something that another one provides.
-            self._initialising = asyncio.gather(
-                *(self._initialise(slot) for slot in self._slots), return_exceptions=True
-            )
-            outcomes = await self._initialising
-            for slot, outcome in zip(self._slots, outcomes, strict=True):
-                if isinstance(outcome, BaseException):
-                    raise WorkerStartError(
-                        slot.number,
-                        f"{type(outcome).__name__}: {outcome}",
-                        _format_exception(outcome),
-                    ) from outcome
-            if self._stop_begun:
-                # stop() came as the last initialise() ended: too late to cancel it.
-                raise PoolClosed("stop() was called while the pool was starting")
-        except BaseException as exc:
-            self._discard_results = True
-            await self._finalise([slot for slot in self._slots if slot.initialised])
-            self._finish()
-            current = asyncio.current_task()
-            stopped = isinstance(exc, asyncio.CancelledError) and self._stop_begun
-            if stopped and current is not None and not current.cancelling():
-                # Our stop() cancelled the initialise() calls, not a caller this task.
-                raise PoolClosed("stop() was called while the pool was starting") from None
-            raise
-        if self._on_result_async:
-            self._callback_task = asyncio.get_running_loop().create_task(
-                self._run_callbacks(), name=f"{self.name}-on_result"
-            )
-        self._state = _State.RUNNING
-
-    async def _initialise(self, slot: _Slot) -> None:
-        await _call_hook(slot.worker.initialise)
-        slot.initialised = True
-
-    def _make_worker(self, number: int) -> Worker:
-        try:
-            worker = self._factory()
-            if not isinstance(worker, Worker):
-                raise TypeError(
-                    f"the worker factory returned {worker!r}, not an instance of looppool.Worker"
-                )
-        except Exception as exc:
-            raise WorkerStartError(
-                number, f"{type(exc).__name__}: {exc}", _format_exception(exc)
-            ) from exc
-        worker.number = number
-        worker._looppool_sink = self._make_sink()
-        return worker
-
-    async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (Pool's API)
-        """Stop as the worker class defines; idempotent.
-
-        A ``SafeWorker`` pool processes every message accepted before the
-        call and delivers its results; a ``Worker`` pool drops the queued
-        messages and cancels those in flight (counted as lost; their
-        ``submit()`` raises :exc:`~looppool.PoolClosed`). Then every worker's
-        ``finalise()`` runs. What still runs after ``timeout`` seconds,
-        ``finalise()`` included, is cancelled (a process pool would kill it).
-        Afterwards :meth:`put` raises :exc:`~looppool.PoolClosed`.
-        """
-        await self._shutdown(graceful=True, limit=timeout)
-
-    async def _shutdown(self, *, graceful: bool, limit: float | None) -> None:
-        if self._state is _State.NEW:
-            self._finish()
-            return
-        if self._stop_begun or self._state is _State.STOPPED:
-            # Stopping or stopped (a failed start stops too): wait for the first stop.
-            await self._stopped.wait()
-            return
-        self._stop_begun = True
-        if self._state is _State.STARTING:
-            # start() awaits the initialise() calls in another task: end them
-            # (Pool kills the processes); start() cleans up, raises PoolClosed.
-            if self._initialising is not None:
-                self._initialising.cancel()
-            await self._stopped.wait()
-            return
-        self._state = _State.STOPPING
-        # put() calls waiting for room now raise PoolClosed.
-        self._wake_all_room_waiters()
-        drop_queued = not (graceful and self._safe)
-        cancel = not self._safe
-        loop = asyncio.get_running_loop()
-        stoppers = [
-            loop.create_task(
-                self._stop_worker(slot, drop_queued, cancel), name=f"{self.name}-stop-{slot.number}"
-            )
-            for slot in self._slots
-        ]
-        try:
-            _, late = await asyncio.wait(stoppers, timeout=limit)
-            if late:
-                for task in late:
-                    logger.warning(
-                        "pool %s: stop(timeout=%s) expired; cancelling worker %d",
-                        self.name,
-                        limit,
-                        stoppers.index(task),
-                    )
-                # Stands for the kill of the processes that outlived the timeout.
-                await self._cancel_all(late)
-            for task in stoppers:
-                if not task.cancelled():
-                    task.result()  # finalise() errors are logged: anything else is a bug
-            await self._wait_delivered(self._buffered)
-        except BaseException:
-            # Cancelled (a second Ctrl-C) or broken: leave nothing running.
-            await self._cancel_all(stoppers)
-            raise
-        finally:
-            self._finish()
-
-    async def _stop_worker(self, slot: _Slot, drop_queued: bool, cancel: bool) -> None:
-        """Stop one worker, as its process would on the parent's stop message."""
-        if drop_queued:
-            self._drop_backlog(slot)
-        if cancel:
-            for task in slot.tasks:
-                task.cancel()
-        while slot.tasks or slot.backlog:
-            slot.idle.clear()
-            await slot.idle.wait()
-        await self._finalise([slot])
-
-    async def _cancel_all(self, stoppers: Iterable[asyncio.Task[None]]) -> None:
-        """Cancel what still runs in the workers: stoppers, finalise, messages."""
-        pending = list(stoppers)
-        for slot in self._slots:
-            self._drop_backlog(slot)
-            pending.extend(slot.tasks)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-
-    async def _finalise(self, slots: Iterable[_Slot]) -> None:
-        for slot in slots:
-            try:
-                await _call_hook(slot.worker.finalise)
-            except Exception:
-                worker_logger.exception("worker %d: finalise() raised", slot.number)
-
-    def _finish(self) -> None:
-        """The pool is stopped: nothing runs any more, results() may end."""
-        self._state = _State.STOPPED
-        for slot in self._slots:
-            # put_result() after the stop raises, as on a worker no pool runs.
-            with contextlib.suppress(AttributeError):
-                del slot.worker._looppool_sink
-            self._drop_backlog(slot)
-        for item in list(self._unfinished.values()):
-            # Only a cancelled stop leaves some: fail their submit().
-            self._finish_item(item, lost=True)
-        self._wake_all_room_waiters()
-        if self._callback_task is not None and not self._callback_task.done():
-            self._callback_task.cancel()
-        self._delivered_changed.set()
-        self._stopped.set()
-        self._results_changed.set()
-
-    # -- sending --------------------------------------------------------------
-
-    async def put(self, message: Any, *, worker: int | None = None) -> None:
-        """Send a message; wait while ``max_pending`` messages are pending.
-
-        With ``pickle=True`` the message is pickled here, so one that cannot
-        be pickled raises ``TypeError`` at once. ``worker=k`` sends it to
-        worker ``k``; without it, messages are dealt in fair rounds.
-        """
-        self._check_target(worker)
-        payload = self._encode_message(message)
-        await self._wait_for_room()
-        self._accept(payload, worker, None)
-
-    def put_nowait(self, message: Any, *, worker: int | None = None) -> None:
-        """Send a message, or raise :exc:`~looppool.QueueFull` if ``max_pending`` are pending."""
-        self._check_target(worker)
-        payload = self._encode_message(message)
-        if len(self._unfinished) >= self._max_pending:
-            raise QueueFull(
-                f"{len(self._unfinished)} messages are pending in {self.name!r} (max_pending="
-                f"{self._max_pending}); await put() to wait for room"
-            )
-        self._accept(payload, worker, None)
-
-    async def broadcast(self, message: Any) -> None:
-        """Send a message to every worker, each exactly once (outside the rounds)."""
-        payload = self._encode_message(message)
-        await self._wait_for_room()
-        for number in range(self._size):
-            self._accept(payload, number, None)
-
-    async def submit(self, message: Any, *, worker: int | None = None) -> Any:
-        """Send a message and return what ``process_message`` returned for it.
-
-        If the handler raised, the same exception (a pickled copy, with
-        ``pickle=True``) is raised here with the worker's traceback as its
-        ``__cause__`` (:exc:`~looppool.RemoteTraceback`); one that cannot make
-        the round trip becomes :exc:`~looppool.RemoteError`. A message that
-        the stop dropped or cancelled raises :exc:`~looppool.PoolClosed`.
-        """
-        self._check_target(worker)
-        payload = self._encode_message(message)
-        await self._wait_for_room()
-        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._accept(payload, worker, reply)
-        return await reply
-
-    async def drain(self) -> None:
-        """Return once every message put before the call is finished and its results are in.
-
-        Finished: processed, failed or lost to the stop. Results are in when
-        they are buffered for :meth:`results`, or when ``on_result`` has
-        returned for them (awaited, if it is a coroutine function).
-        """
-        loop = asyncio.get_running_loop()
-        waiting: list[asyncio.Future[None]] = []
-        for item in self._unfinished.values():
-            if item.done is None:
-                item.done = loop.create_future()
-            waiting.append(item.done)
-        if waiting:
-            await asyncio.wait(waiting)
-        await self._wait_delivered(self._buffered)
-
-    def _check_target(self, worker: int | None) -> None:
-        if worker is None:
-            return
-        if not isinstance(worker, int) or isinstance(worker, bool):
-            raise TypeError(f"worker must be an int or None, not {worker!r}")
-        if not 0 <= worker < self._size:
-            raise ValueError(
-                f"worker={worker} is out of range: this pool has workers 0 to {self._size - 1}"
-            )
-
-    def _encode_message(self, message: Any) -> Any:
-        if self._state is not _State.RUNNING:
+    def _pickle(self, message: Any) -> Any:
+        if self._use_pickle:
+            return super()._pickle(message)
+        if self._state is not State.RUNNING:
             self._raise_closed()
-        if not self._pickle:
-            return message
-        try:
-            return pickle.dumps(message, _PROTOCOL)
-        except Exception as exc:
-            raise TypeError(
-                f"the message {_short_repr(message)} cannot be pickled, so it cannot be "
-                f"sent to a worker process: {type(exc).__name__}: {exc}"
-            ) from exc
+        return message
 
-    def _raise_closed(self) -> None:
-        if self._state is _State.NEW or self._state is _State.STARTING:
-            raise PoolClosed(f"{self!r} is not started: use 'async with' or await start() first")
-        raise PoolClosed(f"{self!r} takes no new messages")
+    # -- workers as tasks -----------------------------------------------------
 
-    async def _wait_for_room(self) -> None:
-        loop = asyncio.get_running_loop()
-        while len(self._unfinished) >= self._max_pending:
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._room_waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                # Woken, then cancelled before using the room: pass the
-                # wake-up on, or another waiter would sleep with room free.
-                if waiter.done() and not waiter.cancelled():
-                    self._wake_room()
-                raise
-            if self._state is not _State.RUNNING:
-                self._raise_closed()
-
-    def _wake_room(self) -> None:
-        while self._room_waiters:
-            waiter = self._room_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
-    def _wake_all_room_waiters(self) -> None:
-        while self._room_waiters:
-            waiter = self._room_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _accept(self, payload: Any, target: int | None, reply: asyncio.Future[Any] | None) -> None:
-        if target is None:
-            # Fair rounds: message i of a round goes to worker i (no worker
-            # of an InlinePool dies, so every round has all of them).
-            target = self._next_in_round
-            self._next_in_round = (target + 1) % self._size
-        item = _Item(self._seq, payload, reply)
-        self._seq += 1
-        self._unfinished[item.seq] = item
-        self._n_put += 1
-        slot = self._slots[target]
-        if len(slot.tasks) < self._concurrency:
-            self._run(slot, item)
-        else:
-            slot.backlog.append(item)
-
-    # -- the workers' side ------------------------------------------------------
-
-    def _run(self, slot: _Slot, item: _Item) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._process(slot, item), name=f"{self.name}-worker-{slot.number}"
+    def _launch(self, slot: _InlineSlot) -> None:
+        assert self._loop is not None
+        slot.state = SlotState.STARTING
+        slot.start_error = None
+        slot.said_bye = False
+        slot.killed = False
+        slot.exited = self._loop.create_future()
+        slot.stop_requested = self._loop.create_future()
+        codec: dict[str, Any] = {} if self._use_pickle else {"dumps": _as_is, "loads": _as_is}
+        slot.runner = MessageRunner(
+            self._factory,
+            slot.number,
+            functools.partial(self._emit, slot),
+            log=_TaggedLog(worker_logger, {"worker": slot.number}),
+            **codec,
         )
-        slot.tasks[task] = item
-        task.add_done_callback(lambda t: self._after(slot, t))
+        slot.task = self._loop.create_task(
+            self._serve(slot, slot.runner), name=f"{self.name}-worker-{slot.number}"
+        )
+        # A done-callback, not a finally clause: a task cancelled before it
+        # first ran never enters its coroutine, yet its end must be reported.
+        slot.task.add_done_callback(functools.partial(self._ended, slot, slot.runner))
 
-    async def _process(self, slot: _Slot, item: _Item) -> None:
-        reply: Any = None
+    def _emit(self, slot: _InlineSlot, item: tuple[Any, ...]) -> None:
+        self._dispatch(slot, [item])
+
+    async def _serve(self, slot: _InlineSlot, runner: MessageRunner) -> None:
+        """The life of one worker, as its process would live it."""
+        assert slot.stop_requested is not None
         try:
-            message = pickle.loads(item.payload) if self._pickle else item.payload
-            reply = await _call_hook(slot.worker.process_message, message)
-            if item.reply is not None and self._pickle:
-                # Pool pickles the reply in the worker: one that cannot be
-                # pickled fails the message there, with this error.
-                try:
-                    reply = pickle.dumps(reply, _PROTOCOL)
-                except Exception as exc:
-                    raise TypeError(
-                        f"worker {slot.number}: the reply of process_message could not be "
-                        f"pickled: {type(exc).__name__}: {exc}"
-                    ) from exc
+            worker = await runner.initialise()
+            if worker is None:
+                return
+            self._emit(slot, (P.EV_READY, None, worker.safe))
+            cancel = await slot.stop_requested
+            await runner.finish_in_flight(cancel)
+            await runner.finalise()
+            self._emit(slot, (P.EV_BYE,))
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                # Cancelled by the stop of a Worker pool: lost, not failed.
-                self._finish_item(item, lost=True, reason="while the message was running")
-                return
-            # process_message let a CancelledError of its own escape.
-            self._fail(slot, item, asyncio.CancelledError())
-        except Exception as exc:
-            self._fail(slot, item, exc)
-        else:
-            self._n_processed += 1
-            if item.reply is not None and not item.reply.done():
-                self._set_reply(item.reply, reply)
-            self._finish_item(item)
+            # Killed (stop's timeout, or a cancelled stop): what runs in this
+            # worker is cancelled, as a process pool would kill it. The task
+            # ends here; the pool that cancelled it waits for slot.exited.
+            for task in runner.tasks:
+                task.cancel()
+            await asyncio.gather(*runner.tasks, return_exceptions=True)
+            # Unlike a killed process, this worker shares the test's process:
+            # release what initialise() opened, so nothing leaks into the next
+            # test. What it sends now is dropped, as a killed process's would be.
+            runner.emit = _drop
+            await runner.finalise()
 
-    def _set_reply(self, future: asyncio.Future[Any], reply: Any) -> None:
-        if not self._pickle:
-            future.set_result(reply)
-            return
-        try:
-            future.set_result(pickle.loads(reply))
-        except Exception as exc:
-            future.set_exception(
-                RemoteError(
-                    type(exc).__qualname__,
-                    f"the reply could not be unpickled in the parent: {exc!r}",
-                )
-            )
+    def _ended(self, slot: _InlineSlot, runner: MessageRunner, task: asyncio.Task[None]) -> None:
+        if runner.worker is not None:
+            # put_result() after the stop raises, as on a worker no pool runs.
+            del runner.worker._looppool_sink
+        cause = "it was cancelled" if task.cancelled() or not slot.said_bye else "it stopped"
+        self._on_worker_end(slot, cause, WorkerLost(slot.number, None, None))
 
-    def _fail(self, slot: _Slot, item: _Item, exc: BaseException) -> None:
-        self._n_failed += 1
-        if item.reply is None:
-            # Nobody awaits this message: the log is where it shows. (As in
-            # Pool, a failure that submit() re-raises is not logged too.)
-            # Worded and tagged as Pool forwards a worker's record to the parent.
-            worker_logger.error(
-                "[worker %d] worker %d: process_message raised %s",
-                slot.number,
-                slot.number,
-                type(exc).__name__,
-                exc_info=exc,
-                extra={"worker": slot.number},
-            )
-        elif not item.reply.done():
-            item.reply.set_exception(self._remote_exception(exc))
-        self._finish_item(item)
+    def _send(self, slot: _InlineSlot, batch: list[Msg]) -> None:
+        runner = slot.runner
+        assert runner is not None
+        assert slot.stop_requested is not None
+        for msg in batch:
+            if slot.stop_requested.done():
+                runner.refuse(msg.id)
+            else:
+                runner.start(msg.id, msg.future is not None, msg.payload)
 
-    def _remote_exception(self, exc: BaseException) -> BaseException:
-        """What Pool's submit() raises for ``exc``: a copy, with the traceback as cause."""
-        tb = _format_exception(exc)
-        copy: BaseException
-        if self._pickle:
-            try:
-                copy = pickle.loads(pickle.dumps(exc, _PROTOCOL))
-            except Exception:
-                # An exception may pickle yet fail to unpickle (a custom __init__).
-                name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-                copy = RemoteError(name, repr(exc), tb)
-        else:
-            copy = exc  # keeps its worker-side frames, for a debugger
-        copy.__cause__ = RemoteTraceback(tb)
-        return copy
+    def _send_stop(self, slot: _InlineSlot, cancel: bool) -> None:
+        if slot.stop_requested is not None and not slot.stop_requested.done():
+            slot.stop_requested.set_result(cancel)
 
-    def _after(self, slot: _Slot, task: asyncio.Task[None]) -> None:
-        item = slot.tasks.pop(task)
-        # A no-op when _process finished the item; otherwise the task was
-        # cancelled before its first step (process_message never ran), or a
-        # BaseException such as SystemExit escaped.
-        self._finish_item(item, lost=task.cancelled())
-        if slot.backlog and self._state is not _State.STOPPED:
-            self._run(slot, slot.backlog.popleft())
-        elif not slot.tasks:
-            slot.idle.set()
-
-    def _drop_backlog(self, slot: _Slot) -> None:
-        while slot.backlog:
-            self._finish_item(slot.backlog.popleft(), lost=True)
-
-    def _finish_item(
-        self, item: _Item, *, lost: bool = False, reason: str = "before the message was processed"
-    ) -> None:
-        if self._unfinished.pop(item.seq, None) is None:
-            return  # finished already
-        if lost:
-            self._n_lost += 1
-            if item.reply is not None and not item.reply.done():
-                item.reply.set_exception(PoolClosed(f"the pool stopped {reason}"))
-        if item.done is not None and not item.done.done():
-            item.done.set_result(None)
-        self._wake_room()
-
-    # -- results ----------------------------------------------------------------
-
-    def _make_sink(self) -> Callable[[Any], None]:
-        def put_result(value: Any) -> None:
-            if not self._pickle:
-                self._deliver(value)
-                return
-            # Pickled in the caller, as in a worker process: a result that
-            # cannot be pickled raises inside process_message.
-            payload = pickle.dumps(value, _PROTOCOL)
-            if self._discard_results:
-                return
-            self._n_results += 1
-            try:
-                value = pickle.loads(payload)
-            except Exception:
-                logger.exception(
-                    "pool %s: a result could not be unpickled in the parent", self.name
-                )
-                return
-            self._deliver(value, counted=True)
-
-        return put_result
-
-    def _deliver(self, value: Any, *, counted: bool = False) -> None:
-        if self._discard_results:
-            return
-        if not counted:
-            self._n_results += 1
-        callback = self._on_result
-        if callback is None or self._on_result_async:
-            self._results.append(value)
-            if callback is not None:
-                self._buffered += 1
-            self._results_changed.set()
-            return
-        try:
-            callback(value)
-        except Exception:
-            logger.exception("pool %s: on_result raised", self.name)
-
-    async def _next_result(self) -> tuple[bool, Any]:
-        """Wait for the next buffered result; ``(False, None)`` once the pool stopped."""
-        while not self._results:
-            if self._state is _State.STOPPED:
-                return False, None
-            self._results_changed.clear()
-            await self._results_changed.wait()
-        return True, self._results.popleft()
-
-    async def results(self) -> AsyncIterator[Any]:
-        """Yield every result the workers put; end once the pool stopped and all were yielded."""
-        if self._on_result is not None:
-            raise LooppoolError("this pool sends results to on_result; results() has none to yield")
-        while True:
-            more, value = await self._next_result()
-            if not more:
-                return
-            yield value
-
-    async def _run_callbacks(self) -> None:
-        callback = self._on_result
-        assert callback is not None
-        while True:
-            more, value = await self._next_result()
-            if not more:
-                return
-            try:
-                await callback(value)  # type: ignore[misc]
-            except Exception:
-                logger.exception("pool %s: on_result raised", self.name)
-            self._delivered += 1
-            self._delivered_changed.set()
-
-    async def _wait_delivered(self, count: int) -> None:
-        """Wait until an async ``on_result`` has finished ``count`` results."""
-        while self._delivered < count and self._state is not _State.STOPPED:
-            self._delivered_changed.clear()
-            await self._delivered_changed.wait()
+    def _kill(self, slot: _InlineSlot) -> None:
+        if slot.task is not None and not slot.task.done():
+            slot.task.cancel()
 
 
-# -- the pytest plugin ------------------------------------------------------------
-#
-# The hooks and helpers below use the name `pytest` only when pytest calls
-# them; the fixtures need pytest to be defined, so they are made at the end of
-# the module, only when pytest is installed (InlinePool does not need it).
+# -- the pytest plugin --------------------------------------------------------------
 
 
 class PoolFactory(Protocol):
