@@ -64,3 +64,12 @@ def ray(session: nox.Session) -> None:
     """RayPool on a local Ray instance (2 CPUs, 127.0.0.1 only)."""
     session.install("-e", ".[test,ray]")
     session.run("pytest", "tests/test_ray.py", *session.posargs)
+
+
+@nox.session(python="3.11")
+def properties(session: nox.Session) -> None:
+    """The hypothesis state machine: random puts, submits, kills and stops."""
+    session.install("-e", ".[test]")
+    session.run(
+        "pytest", "tests/test_properties.py", *session.posargs, env={"LOOPPOOL_PROPERTIES": "1"}
+    )

@@ -876,10 +876,8 @@ class PoolCore(Generic[S]):
             self._lose(msg, PoolClosed(self._closing_reason))
         elif msg.target is not None:
             slot.queue.appendleft(msg)
-        else:
-            msg.deliveries -= 1  # it never ran
-            if not self._share(msg):
-                self._enqueue(self._slots[self._next_in_round()], msg)
+        elif not self._share(msg):
+            self._enqueue(self._slots[self._next_in_round()], msg)
 
     def _replace(self, slot: S) -> None:
         """Start a replacement for a dead worker, after a back-off if it keeps failing."""

@@ -55,7 +55,7 @@ from ._worker import Worker
 
 __all__ = ["Pool", "PoolStats"]
 
-READ_SIZE: Final = 1 << 20
+READ_SIZE: Final = 1 << 16  # a 1 MiB read costs ~15 µs even when little is there
 
 LoopKind = Literal["auto", "asyncio", "uvloop"]
 StartMethod = Literal["fork", "spawn", "forkserver"]
@@ -294,10 +294,13 @@ class Pool(PoolCore[_ProcSlot]):
         )
 
     def _send(self, slot: _ProcSlot, batch: list[Msg]) -> None:
-        self._write(
-            slot,
-            P.encode([(P.OP_MSG, msg.id, msg.future is not None, msg.payload) for msg in batch]),
-        )
+        frame = P.encode([(P.OP_MSG, msg.id, msg.future is not None, msg.payload) for msg in batch])
+        if not self._write(slot, frame):
+            # The worker died before we noticed: these never reached it, so
+            # they must not count as a delivery (a SafeWorker message gets one
+            # more after a death, and this was not it).
+            for msg in batch:
+                msg.deliveries -= 1
 
     def _send_stop(self, slot: _ProcSlot, cancel: bool) -> None:
         self._write(slot, P.encode([(P.OP_STOP, cancel)]))
@@ -329,22 +332,24 @@ class Pool(PoolCore[_ProcSlot]):
                 slot.process.kill()
                 slot.process.join(5)
 
-    def _write(self, slot: _ProcSlot, data: bytes) -> None:
+    def _write(self, slot: _ProcSlot, data: bytes) -> bool:
+        """Write a frame without blocking; False if the worker is already gone."""
         if slot.wfd < 0:
-            return
+            return False
         if slot.out:
             slot.out += data
-            return
+            return True
         try:
             written = os.write(slot.wfd, data)
         except BlockingIOError:
             written = 0
         except OSError:
-            return  # the worker is gone; its sentinel will tell us
+            return False  # the worker is gone; its pidfd or sentinel will tell us
         if written < len(data):
             slot.out += memoryview(data)[written:]
             assert self._loop is not None
             self._loop.add_writer(slot.wfd, self._on_writable, slot)
+        return True
 
     def _on_writable(self, slot: _ProcSlot) -> None:
         try:
@@ -414,6 +419,10 @@ class Pool(PoolCore[_ProcSlot]):
 
     def _new_generation_objects(self) -> None:
         self._shared_queue = self._ctx.Queue()
+        # When a generation ends with a backlog, the feeder thread must not
+        # block for ever writing to a pipe nobody reads (CPython's
+        # ProcessPoolExecutor sets the same flag for the same reason).
+        self._shared_queue._ignore_epipe = True
         self._barrier = self._ctx.Barrier(self._size)
 
     def _share(self, msg: Msg) -> bool:
@@ -444,7 +453,9 @@ class Pool(PoolCore[_ProcSlot]):
 
     def _resend_cancelled(self, slot: _ProcSlot, msg: Msg) -> bool:
         if self._regenerating and self._accepting_respawns:
-            # Cancelled by a generation restart, not by the user: send it again.
+            # Cancelled by a generation restart, not by the user: send it
+            # again, and it does not count as a delivery (it did not finish).
+            msg.deliveries -= 1
             slot.held[msg.id] = msg
             return True
         return False
@@ -501,3 +512,6 @@ class Pool(PoolCore[_ProcSlot]):
         # let interpreter exit wait for it.
         queue.cancel_join_thread()
         queue.close()
+        # Close our read end too: the feeder then gets EPIPE (ignored) instead
+        # of blocking, and the next generation does not inherit the old pipe.
+        queue._reader.close()
