@@ -38,7 +38,6 @@ from ._worker import Worker
 EXIT_ORPHANED: Final = 70  # the parent died; the worker ended itself
 
 
-
 @dataclass(frozen=True)
 class ChildConfig:
     """Everything a worker process needs; pickled for spawn and forkserver."""
