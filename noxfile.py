@@ -73,3 +73,10 @@ def properties(session: nox.Session) -> None:
     session.run(
         "pytest", "tests/test_properties.py", *session.posargs, env={"LOOPPOOL_PROPERTIES": "1"}
     )
+
+
+@nox.session(python="3.11")
+def faults(session: nox.Session) -> None:
+    """The full fault-injection catalogue (the default run has a sample of it)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/test_faults.py", "-m", "slow", *session.posargs)

@@ -666,6 +666,12 @@ class PoolCore(Generic[S]):
             self._n_failed += 1
             if future is not None and not future.done():
                 future.set_exception(rebuild_exception(payload, self._loads))
+        elif slot.state is not SlotState.STOPPING:
+            # Cancelled though nobody asked this worker to stop: its loop is
+            # being torn down (SystemExit in another message). The worker is
+            # dying: keep the message held, so that its death rescues it.
+            slot.held[mid] = msg
+            return
         elif self._resend_cancelled(slot, msg):
             return
         else:
