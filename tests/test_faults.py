@@ -942,13 +942,6 @@ async def test_barrier_worker_stopped_while_starting_is_sent_no_message(
         assert stopped, "stop() hung or raised"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: once SystemExit has closed a worker's loop, a log record emitted on the "
-    "loop's thread (asyncio's 'Task exception was never retrieved', when the finished task is "
-    "collected at exit) reaches Outbox.add(), which calls call_soon() on the closed loop: the "
-    "record is lost and logging prints '--- Logging error ---' with a RuntimeError to stderr",
-)
 async def test_exit_in_a_worker_loses_no_log_record(
     capfd: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -65,9 +65,12 @@ def worker_main(cfg: ChildConfig) -> None:
     _watch_parent(cfg.parent_pid)
     _set_title(cfg)
     runtime = _Runtime(cfg, outbox)
-    with asyncio.Runner(loop_factory=_loop_factory(cfg.loop)) as runner:
-        runner.run(runtime.main())
-    outbox.flush()
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(cfg.loop)) as runner:
+            runner.run(runtime.main())
+    finally:
+        # Whatever ended the loop, what is logged from now on is written at once.
+        outbox.detach()
 
 
 def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -167,7 +170,10 @@ class Outbox:
         if loop is None:
             self.flush()
         elif threading.get_ident() == self._loop_thread:
-            loop.call_soon(self.flush)
+            try:
+                loop.call_soon(self.flush)
+            except RuntimeError:  # the loop is closed (SystemExit tore it down): write now
+                self.flush()
         else:
             try:
                 loop.call_soon_threadsafe(self.flush)
