@@ -41,11 +41,14 @@ def _descendants() -> dict[int, psutil.Process]:
     for proc in psutil.Process().children(recursive=True):
         try:
             cmdline = " ".join(proc.cmdline())
+            parent = proc.ppid()
         except psutil.Error:
             continue
         # multiprocessing's fork server and resource tracker live for the
-        # whole session by design; they are not pool workers.
-        if any(helper in cmdline for helper in _HELPERS):
+        # whole session by design; they are not pool workers. Only our direct
+        # children can be those: a worker forked by the fork server shows the
+        # server's command line (until setproctitle renames it) yet counts.
+        if any(helper in cmdline for helper in _HELPERS) and parent == os.getpid():
             continue
         found[proc.pid] = proc
     return found
