@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 import looppool
+from pool_workers import Gate as Gate  # the crash-safe latch, shared with the Pool tests
 
 
 class Echo(looppool.SafeWorker):
@@ -124,58 +125,6 @@ class Logging(looppool.SafeWorker):
         elif message == "raise":
             raise ValueError("nobody awaits this one")
         return message
-
-
-class Gate:
-    """A latch the test opens; actors wait on it over a Unix socket (Ray runs locally).
-
-    It survives a waiter that is killed, and waiting on it blocks nothing but
-    the waiting task.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._server: asyncio.AbstractServer | None = None
-        self._open = False
-        self._writers: list[asyncio.StreamWriter] = []
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])  # type: ignore[misc]
-
-    async def wait(self) -> None:
-        """In an actor: return once the test opens the gate."""
-        reader, writer = await asyncio.open_unix_connection(self.path)
-        try:
-            await reader.read(1)
-        finally:
-            writer.close()
-
-    async def serve(self) -> None:
-        """In the test: start answering waiters."""
-        self._server = await asyncio.start_unix_server(self._on_waiter, self.path)
-
-    async def _on_waiter(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._open:
-            writer.write(b"!")
-        self._writers.append(writer)
-
-    def open(self) -> None:
-        """In the test: release every waiter, now and later."""
-        self._open = True
-        for writer in self._writers:
-            if not writer.is_closing():
-                writer.write(b"!")
-
-    async def close(self) -> None:
-        """In the test: stop the server."""
-        for writer in self._writers:
-            writer.close()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
 
 class Gated(looppool.SafeWorker):
