@@ -276,6 +276,10 @@ class PoolCore(Generic[S]):
                 slot.ready = self._loop.create_future()
                 self._launch(slot)
             await self._await_ready([s.ready for s in self._slots if s.ready is not None])
+            if self._stop_begun:
+                # stop() killed the workers, but every one had reported ready
+                # first (a race with fast workers): the start still failed.
+                raise PoolClosed("stop() was called while the pool was starting")
         except BaseException as exc:
             await self._kill_all()
             self._finish()
