@@ -13,38 +13,13 @@ import threading
 from typing import Any
 
 import looppool
-from pool_workers import Gate as Gate  # the crash-safe latch, shared with the Pool tests
 
-
-class Echo(looppool.SafeWorker):
-    """Puts (its number, the message) as a result and replies with the message."""
-
-    async def process_message(self, message: Any) -> Any:
-        if message == "pid":
-            return os.getpid()
-        self.put_result((self.number, message))
-        return message
-
-
-class SyncEcho(looppool.SafeWorker):
-    """Echo with plain (non-async) hooks."""
-
-    def initialise(self) -> None:
-        self.prefix = "sync"
-
-    def process_message(self, message: Any) -> Any:
-        self.put_result((self.number, message))
-        return (self.prefix, message)
-
-
-class Scaled(looppool.SafeWorker):
-    """A worker whose constructor takes an argument (built with functools.partial)."""
-
-    def __init__(self, factor: int) -> None:
-        self.factor = factor
-
-    async def process_message(self, message: int) -> int:
-        return message * self.factor
+# Workers whose behaviour is the same under Ray as under Pool are shared.
+from pool_workers import FailingInit as FailingInit
+from pool_workers import Gate as Gate
+from pool_workers import Scaled as Scaled
+from pool_workers import SyncEcho as SyncEcho
+from pool_workers import UnpicklableError as UnpicklableError
 
 
 class Raising(looppool.SafeWorker):
@@ -63,18 +38,13 @@ class Raising(looppool.SafeWorker):
         return message
 
 
-class UnpicklableError(Exception):
-    """An exception carrying a lock: it cannot be pickled."""
+class Echo(looppool.SafeWorker):
+    """Puts (its number, the message) as a result and replies with the message."""
 
-
-class FailingInit(looppool.SafeWorker):
-    """initialise() raises in worker 1."""
-
-    def initialise(self) -> None:
-        if self.number == 1:
-            raise RuntimeError("cannot open the database")
-
-    def process_message(self, message: Any) -> Any:
+    async def process_message(self, message: Any) -> Any:
+        if message == "pid":
+            return os.getpid()
+        self.put_result((self.number, message))
         return message
 
 

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from ._bench import _handlers
+from ._bench._systems import _Counter
 
 __all__ = ["WORKLOADS", "RayCallFloor", "Workload", "main", "render", "run"]
 
@@ -62,26 +63,6 @@ CONCURRENCY: Final = 4096
 MAX_PENDING: Final = 1 << 20
 #: Object store of a Ray instance started here: the workloads move small values.
 OBJECT_STORE_BYTES: Final = 100 * 1024 * 1024
-
-
-class _Counter:
-    """Counts stream results and wakes the harness at the last one."""
-
-    def __init__(self) -> None:
-        self.left = 0
-        self.done: asyncio.Future[None] | None = None
-
-    def arm(self, count: int) -> asyncio.Future[None]:
-        self.left = count
-        self.done = asyncio.get_running_loop().create_future()
-        if count == 0:
-            self.done.set_result(None)
-        return self.done
-
-    def __call__(self, value: Any) -> None:
-        self.left -= 1
-        if self.left == 0 and self.done is not None and not self.done.done():
-            self.done.set_result(None)
 
 
 def _cpu_seconds() -> float | None:
