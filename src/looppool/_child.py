@@ -32,6 +32,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Final
 
 from . import _protocol as P
+from ._pipes import SharedReader
 from ._runner import MessageRunner
 from ._worker import Worker
 
@@ -52,7 +53,7 @@ class ChildConfig:
     log_level: int
     forked: bool
     concurrency: int
-    shared_queue: Any = None  # barrier mode: multiprocessing.Queue of (id, want_reply, payload)
+    shared_queue: SharedReader | None = None  # barrier mode: (id, want_reply, payload) items
     barrier: Any = None  # barrier mode: multiprocessing.Barrier
     monitor: dict[str, Any] | None = None  # WorkerMonitor options, or None
 
@@ -245,6 +246,9 @@ class _Runtime:
         worker = await self.runner.initialise()
         if worker is None:
             self.out.detach()
+            if self.runner.start_exit is not None:
+                # sys.exit(n) in initialise(): the process exits with n, as asked.
+                raise SystemExit(self.runner.start_exit.code)
             return
         monitor = self._start_monitor()
         self.out.add((P.EV_READY, os.getpid(), worker.safe))
@@ -317,10 +321,16 @@ class _Runtime:
         message would make a lone message wait for n - 1 others.
         """
         queue = self.cfg.shared_queue
+        assert queue is not None
         barrier = self.cfg.barrier
         while True:
             self.slots.acquire()
-            item = queue.get()
+            try:
+                item = queue.get()
+            except (EOFError, OSError):
+                # The parent ended this generation and closed the queue (or
+                # died): the channel's STOP, or the parent watcher, ends us.
+                return
             # TAKEN is queued before the message runs, so the parent learns who
             # held it even if the message kills this process at once.
             self.out.add((P.EV_TAKEN, item[0]))

@@ -51,6 +51,7 @@ from ._core import (
     logger,
 )
 from ._errors import LooppoolError, WorkerLost, describe_exit
+from ._pipes import PipeWriter, SharedQueue
 from ._worker import Worker
 
 __all__ = ["Pool", "PoolStats"]
@@ -70,11 +71,10 @@ class _ProcSlot(Slot):
         self.process: multiprocessing.process.BaseProcess | None = None
         self.channel: Connection | None = None
         self.results: Connection | None = None
-        self.wfd = -1
+        self.writer: PipeWriter | None = None
         self.rfd = -1
         self.exit_fd = -1
         self.pidfd = -1
-        self.out = bytearray()
         self.decoder = P.FrameDecoder()
         self.exitcode: int | None = None
 
@@ -181,7 +181,7 @@ class Pool(PoolCore[_ProcSlot]):
         self._loop_kind = ("uvloop" if has_uvloop else "asyncio") if loop == "auto" else loop
         self._distribution = distribution
         # barrier mode
-        self._shared_queue: Any = None
+        self._shared_queue: SharedQueue | None = None
         self._barrier: Any = None
         self._shared_out: dict[int, Msg] = {}
         self._regenerating = False
@@ -233,7 +233,7 @@ class Pool(PoolCore[_ProcSlot]):
             log_level=logging.getLogger().getEffectiveLevel(),
             forked=self._start_method == "fork",
             concurrency=self._concurrency,
-            shared_queue=self._shared_queue,
+            shared_queue=self._shared_queue.reader if self._shared_queue is not None else None,
             barrier=self._barrier,
             monitor=self._monitor,
         )
@@ -251,10 +251,9 @@ class Pool(PoolCore[_ProcSlot]):
         slot.pid = process.pid
         slot.state = SlotState.STARTING
         slot.channel, slot.results = channel_w, results_r
-        slot.wfd, slot.rfd = channel_w.fileno(), results_r.fileno()
-        os.set_blocking(slot.wfd, False)
+        slot.writer = PipeWriter(self._loop, channel_w.fileno())
+        slot.rfd = results_r.fileno()
         os.set_blocking(slot.rfd, False)
-        slot.out = bytearray()
         slot.decoder = P.FrameDecoder()
         slot.start_error = None
         slot.said_bye = False
@@ -286,6 +285,11 @@ class Pool(PoolCore[_ProcSlot]):
         self._read_rest(slot)
         slot.process.join()
         exitcode = slot.exitcode = slot.process.exitcode
+        # Release its sentinel fd now rather than whenever the Process object
+        # is collected: a pool that restarts workers for weeks must not
+        # accumulate fds.
+        slot.process.close()
+        slot.process = None
         self._close_slot(slot)
         self._on_worker_end(
             slot,
@@ -333,35 +337,11 @@ class Pool(PoolCore[_ProcSlot]):
                 slot.process.join(5)
 
     def _write(self, slot: _ProcSlot, data: bytes) -> bool:
-        """Write a frame without blocking; False if the worker is already gone."""
-        if slot.wfd < 0:
-            return False
-        if slot.out:
-            slot.out += data
-            return True
-        try:
-            written = os.write(slot.wfd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            return False  # the worker is gone; its pidfd or sentinel will tell us
-        if written < len(data):
-            slot.out += memoryview(data)[written:]
-            assert self._loop is not None
-            self._loop.add_writer(slot.wfd, self._on_writable, slot)
-        return True
+        """Write a frame without blocking; False if the worker is already gone.
 
-    def _on_writable(self, slot: _ProcSlot) -> None:
-        try:
-            written = os.write(slot.wfd, slot.out)
-        except BlockingIOError:
-            return
-        except OSError:
-            written = len(slot.out)
-        del slot.out[:written]
-        if not slot.out:
-            assert self._loop is not None
-            self._loop.remove_writer(slot.wfd)
+        When the worker is gone its pidfd or sentinel tells the pool why.
+        """
+        return slot.writer is not None and slot.writer.write(data)
 
     def _on_readable(self, slot: _ProcSlot) -> None:
         try:
@@ -400,10 +380,9 @@ class Pool(PoolCore[_ProcSlot]):
             if loop is not None:
                 loop.remove_reader(slot.rfd)
             slot.rfd = -1
-        if slot.wfd >= 0:
-            if loop is not None:
-                loop.remove_writer(slot.wfd)
-            slot.wfd = -1
+        if slot.writer is not None:
+            slot.writer.close()
+            slot.writer = None
         for conn in (slot.channel, slot.results):
             if conn is not None:
                 conn.close()
@@ -413,16 +392,12 @@ class Pool(PoolCore[_ProcSlot]):
                 loop.remove_reader(slot.pidfd)
             os.close(slot.pidfd)
             slot.pidfd = -1
-        slot.out = bytearray()
 
     # -- barrier mode -----------------------------------------------------------
 
     def _new_generation_objects(self) -> None:
-        self._shared_queue = self._ctx.Queue()
-        # When a generation ends with a backlog, the feeder thread must not
-        # block for ever writing to a pipe nobody reads (CPython's
-        # ProcessPoolExecutor sets the same flag for the same reason).
-        self._shared_queue._ignore_epipe = True
+        assert self._loop is not None
+        self._shared_queue = SharedQueue(self._ctx, self._loop)
         self._barrier = self._ctx.Barrier(self._size)
 
     def _share(self, msg: Msg) -> bool:
@@ -430,9 +405,7 @@ class Pool(PoolCore[_ProcSlot]):
             return False
         self._shared_out[msg.id] = msg
         if not self._regenerating:
-            # Pickled already: the queue's feeder thread only frames bytes,
-            # so it cannot fail on a message and drop it with a log line.
-            self._shared_queue.put((msg.id, msg.future is not None, msg.payload))
+            self._shared_queue.put(msg.id, msg.future is not None, msg.payload)
         return True
 
     def _on_taken(self, slot: _ProcSlot, mid: int) -> None:
@@ -459,6 +432,14 @@ class Pool(PoolCore[_ProcSlot]):
             slot.held[msg.id] = msg
             return True
         return False
+
+    def _rescue(self, slot: _ProcSlot, lost: WorkerLost) -> None:
+        if self._shared_queue is not None and self._accepting_respawns:
+            # Begin the restart first: what the dead worker held must not go
+            # back on this generation's queue, where a stopping survivor would
+            # take it and count a delivery it never ran.
+            self._begin_generation_restart()
+        super()._rescue(slot, lost)
 
     def _replace(self, slot: _ProcSlot) -> None:
         if self._shared_queue is None:
@@ -506,14 +487,8 @@ class Pool(PoolCore[_ProcSlot]):
             self._share(msg)
 
     def _close_shared_queue(self) -> None:
-        queue = self._shared_queue
+        # What it did not take is still in _shared_out: the next generation
+        # gets it again, or the stopping pool counts it lost.
+        assert self._shared_queue is not None
+        self._shared_queue.close()
         self._shared_queue = None
-        # The feeder thread may still hold messages nobody will read: do not
-        # let interpreter exit wait for it.
-        queue.cancel_join_thread()
-        queue.close()
-        # Not closing our read end here: the feeder thread closes it itself
-        # when it reaches close()'s sentinel, and closing it from this thread
-        # too races with that (a double close, seen as EBADF). A generation
-        # that ends with more backlog than the pipe holds therefore leaves its
-        # feeder thread blocked (a known leak, see the xfail in the tests).

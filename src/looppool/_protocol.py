@@ -72,6 +72,18 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def read_exactly(fd: int, size: int) -> bytes:
+    """Read exactly ``size`` bytes from a blocking fd; EOFError if it ends first."""
+    chunks: list[bytes] = []
+    while size:
+        chunk = os.read(fd, size)
+        if not chunk:
+            raise EOFError("the pipe closed in the middle of a frame")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
 class FrameDecoder:
     """Splits a byte stream into frames (the parent side, fed by non-blocking reads)."""
 
