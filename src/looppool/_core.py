@@ -835,12 +835,20 @@ class PoolCore(Generic[S]):
                 "pool %s: worker %d (pid %s) died (%s)", self.name, slot.number, slot.pid, cause
             )
         if previous is SlotState.STOPPING or slot.killed:
-            # Told to stop (or killed by us): nothing to replace. A stopping
-            # worker may have taken a message it never ran (barrier mode);
-            # it is sent again, or lost if the pool is stopping.
-            for msg in list(slot.held.values()):
-                self._requeue(slot, msg)
-            slot.held.clear()
+            # Told to stop (or killed by us): nothing to replace.
+            if slot.said_bye or slot.killed:
+                # What it still holds it took but never ran (barrier mode: a
+                # message refused after the stop began): send it again, or
+                # lose it if the pool is stopping.
+                for msg in list(slot.held.values()):
+                    self._requeue(slot, msg)
+                slot.held.clear()
+            else:
+                # It died while finishing its messages (a barrier-mode restart
+                # stops the survivors, and one may die too): they died with
+                # it, and that counts as a delivery, or a message that kills
+                # every worker it reaches would be sent for ever.
+                self._rescue(slot, lost)
             self._after_stopped_end()
             return
         self._rescue(slot, lost)
