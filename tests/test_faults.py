@@ -705,6 +705,7 @@ async def test_fault_in_initialise_fails_start_and_leaves_no_process(
             assert "InjectedFault" in error.remote_traceback
         elif kind == "exit":
             assert error.reason == f"SystemExit: {fw.EXIT_CODE}"
+            assert error.exitcode == fw.EXIT_CODE  # the process exits with sys.exit's status
         else:
             assert error.exitcode == fw.EXIT_CODES[kind]
             assert describe_exit(error.exitcode) in error.reason

@@ -69,6 +69,7 @@ class MessageRunner:
         self.loads = loads
         self.log = log
         self.tasks: set[asyncio.Task[None]] = set()
+        self.start_exit: SystemExit | None = None  # sys.exit() in initialise()
         self.in_flight = 0
         self.processed = 0
         self.failed = 0
@@ -90,6 +91,8 @@ class MessageRunner:
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"
             self.emit((P.EV_START_FAILED, reason, format_exception(exc)))
+            if isinstance(exc, SystemExit):
+                self.start_exit = exc
             return None
         self.worker = worker
         return worker
