@@ -17,10 +17,6 @@ LOOP_KIND = os.environ.get("LOOPPOOL_TEST_LOOP", "asyncio")
 # RayPool's tests need the `ray` extra; the nox session `ray` installs it and
 # runs them. Elsewhere they are not collected (rather than reported skipped).
 collect_ignore = [] if importlib.util.find_spec("ray") else ["test_ray.py"]
-# The property-based test drives hundreds of pools with random kills: it runs
-# in the nox session `properties` (LOOPPOOL_PROPERTIES=1), not in every run.
-if not os.environ.get("LOOPPOOL_PROPERTIES"):
-    collect_ignore.append("test_properties.py")
 
 _HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
 
