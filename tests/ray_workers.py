@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import looppool
@@ -187,4 +188,13 @@ class Fragile(looppool.SafeWorker):
     def process_message(self, message: Any) -> Any:
         if message == "exit":
             os._exit(3)
+        return message
+
+
+class Blocking(looppool.SafeWorker):
+    """Echoes messages; ("block", seconds) blocks the actor's event loop that long."""
+
+    def process_message(self, message: Any) -> Any:
+        if isinstance(message, tuple) and message[0] == "block":
+            time.sleep(message[1])  # blocks the actor's loop on purpose
         return message

@@ -19,9 +19,12 @@ import functools
 import importlib
 import logging
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -38,12 +41,14 @@ ray = pytest.importorskip("ray")
 
 import looppool  # noqa: E402
 import ray_workers as w  # noqa: E402
+from looppool.metrics import StatsdClient  # noqa: E402
 from looppool.ray import RayPool  # noqa: E402
 
 TESTS = Path(__file__).parent
 OBJECT_STORE_BYTES = 80 * 1024 * 1024  # near Ray's minimum: the tests move small values
 ACTOR_TITLE = "ray::LooppoolActor"
 EXIT_DEADLINE = 10.0  # seconds a killed actor's process gets to disappear
+DEADLINE = 30.0  # seconds a test waits for something the actors send
 
 
 def _cmdline(proc: psutil.Process) -> str | None:
@@ -121,7 +126,7 @@ def no_process_left_behind() -> Iterator[None]:
     # A killed actor's process ends a few milliseconds after ray.kill returns.
     alive = _wait_gone(left)
     if alive:
-        pytest.fail(f"the test left processes behind: {[p.pid for p in alive]}")
+        pytest.fail(f"the test left processes behind: {[_cmdline(p) or p.pid for p in alive]}")
 
 
 @pytest.fixture
@@ -598,3 +603,134 @@ async def test_stop_timeout_kills_actors_that_do_not_finish(
         await hung
     assert any("killing worker 0" in r.getMessage() for r in caplog.records)
     assert pool.stats().lost == 1
+
+
+# -- monitoring: statsd and blocked loops -----------------------------------------------
+
+
+class StatsdServer:
+    """A UDP socket on 127.0.0.1 that receives the actors' statsd datagrams."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port: int = self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+
+    async def report(self) -> dict[str, float]:
+        """The gauges of the next datagram, by name (waits for it on the loop)."""
+        datagram = await asyncio.get_running_loop().sock_recv(self.sock, 65535)
+        gauges = {}
+        for line in datagram.decode().split("\n"):
+            name, _, rest = line.partition(":")
+            value, _, kind = rest.partition("|")
+            assert kind == "g", line
+            gauges[name] = float(value)
+        return gauges
+
+
+@pytest.fixture
+def statsd_server() -> Iterator[StatsdServer]:
+    """A statsd server on 127.0.0.1 (never another interface)."""
+    server = StatsdServer()
+    yield server
+    server.sock.close()
+
+
+class UnpicklableClient:
+    """A statsd client that cannot be pickled (it holds a lock)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def gauge(self, name: str, value: float) -> None:
+        """Drop the value."""
+
+
+@pytest.mark.parametrize("form", ["address", "client", "factory"])
+async def test_actors_send_statsd_gauges_named_as_in_pool(
+    statsd_server: StatsdServer, form: str
+) -> None:
+    """statsd= (address, client or factory): every actor's gauges reach 127.0.0.1, prefixed."""
+    port = statsd_server.port
+    gauges: dict[str, dict[str, float]] = {"0": {}, "1": {}}  # worker number -> its gauges
+    with StatsdClient("127.0.0.1", port) as client:  # pickled to the actors
+        statsd = {
+            "address": statsd_server.address,
+            "client": client,
+            "factory": functools.partial(StatsdClient, "127.0.0.1", port),
+        }[form]
+        async with RayPool(
+            w.Echo, 2, name="crawl", statsd=statsd, statsd_prefix="lpt.ray", metrics_interval=0.05
+        ) as pool:
+            for i in range(3):
+                await pool.submit(i, worker=1)
+            # Waits on the socket, with a deadline: reports come every 50 ms.
+            async with asyncio.timeout(DEADLINE):
+                while not gauges["0"] or gauges["1"].get("messages.processed") != 3:
+                    for name, value in (await statsd_server.report()).items():
+                        match = re.fullmatch(r"lpt\.ray\.crawl\.worker\.([01])\.(.+)", name)
+                        assert match is not None, name
+                        gauges[match[1]][match[2]] = value
+    for number in ("0", "1"):
+        assert {
+            "cpu",
+            "rss",
+            "maxrss",
+            "loop.lag",
+            "loop.tasks",
+            "messages.in_flight",
+            "messages.processed",
+            "messages.failed",
+        } <= set(gauges[number])
+        assert gauges[number]["rss"] > 0
+    assert gauges["1"]["messages.failed"] == 0
+
+
+async def test_blocked_actor_loop_logs_a_warning_in_the_driver(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """blocking_threshold=: a handler blocking an actor's loop is logged in the driver, counted."""
+    caplog.set_level(logging.WARNING, logger="looppool.worker")
+
+    def blocked() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "Event loop blocked" in r.getMessage()]
+
+    async with RayPool(w.Blocking, 2, blocking_threshold=0.2) as pool:
+        assert await pool.submit(("block", 1.0), worker=1) == ("block", 1.0)
+        # No wait needed: the watchdog logs while the handler blocks, and the
+        # record joins the actor's event stream before the handler's reply.
+        during = blocked()
+        assert any(
+            r.worker == 1  # type: ignore[attr-defined]
+            and r.getMessage().startswith("[worker 1] Event loop blocked for")
+            and "time.sleep(message[1])  # blocks the actor's loop" in r.getMessage()
+            for r in during
+        ), [r.getMessage() for r in during]
+    # Each episode is also an event counted by stats().blocked (one per warning).
+    assert pool.stats().blocked == len(blocked()) >= 1
+
+
+def test_monitoring_options_are_checked_as_pool_checks_them() -> None:
+    """Bad statsd/blocking options fail in RayPool's constructor with Pool's very error."""
+    bad: list[dict[str, Any]] = [
+        {"statsd": "no-port"},
+        {"statsd": "127.0.0.1:0"},
+        {"statsd": "::1:8125"},
+        {"statsd": 42},
+        {"statsd": object()},  # neither a client nor a factory
+        {"blocking_threshold": 0},
+        {"blocking_threshold": -1.0},
+        {"statsd": "127.0.0.1:8125", "metrics_interval": 0},
+        {"blocking_threshold": 1.0, "metrics_interval": -5},
+    ]
+    for options in bad:
+        with pytest.raises((TypeError, ValueError)) as pool_error:
+            looppool.Pool(w.Echo, 1, **options)
+        with pytest.raises(type(pool_error.value), match=re.escape(str(pool_error.value))):
+            RayPool(w.Echo, 1, **options)
+    # What Pool accepts without monitoring, RayPool accepts too.
+    RayPool(w.Echo, 1, metrics_interval=0, statsd_prefix="unused")
+    with pytest.raises(TypeError, match="cannot be pickled, which Ray needs"):
+        RayPool(w.Echo, 1, statsd=UnpicklableClient())

@@ -40,6 +40,16 @@ worker number, as in Pool. Anything written to stdout or stderr (``print``)
 is Ray's business: with ``log_to_driver`` (``ray.init``'s default) Ray's log
 monitor copies it to the driver's terminal, prefixed
 ``(LooppoolActor pid=..., ip=...)``.
+
+Monitoring: with ``statsd=`` or ``blocking_threshold=``, each actor runs the
+same :class:`~looppool._monitor.WorkerMonitor` as a Pool's worker process, on
+the actor's loop: started after ``initialise()``, closed before
+``finalise()``. Its gauges go from the actor's node straight to statsd; its
+blocked-loop warnings are log records like any other, and each episode is an
+``EV_BLOCKED`` event counted in ``stats().blocked``. Events made on other
+threads (log records, the detector's watchdog) join the actor's event buffer
+at once, in the order they happen, so a warning logged while a handler
+blocks reaches the parent before that handler's reply, as in Pool.
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ import logging
 import os
 import pickle
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -74,6 +85,7 @@ from ._core import (
     SlotState,
 )
 from ._errors import WorkerLost
+from ._monitor import WorkerMonitor, check_statsd_option
 from ._runner import MessageRunner
 from ._worker import Worker
 
@@ -111,14 +123,25 @@ class LooppoolActor:
     """
 
     def __init__(
-        self, factory: Callable[[], Worker], number: int, pool_name: str, log_level: int
+        self,
+        factory: Callable[[], Worker],
+        number: int,
+        pool_name: str,
+        log_level: int,
+        monitor: dict[str, Any] | None = None,
     ) -> None:
         self._runner = MessageRunner(factory, number, self.add)
+        self._number = number
         self._pool_name = pool_name
         self._log_level = log_level
+        self._monitor_options = monitor
+        self._monitor: WorkerMonitor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self._events: list[tuple[Any, ...]] = []
+        # A deque: the loop thread and other threads (log records, the
+        # blocking detector's watchdog) append to it, each item at the moment
+        # it is made, and deque.append and popleft are atomic.
+        self._events: deque[tuple[Any, ...]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._started = asyncio.Event()
@@ -135,26 +158,37 @@ class LooppoolActor:
 
     def add(self, item: tuple[Any, ...]) -> None:
         """Queue one event for the parent; callable from any thread (log records)."""
-        loop = self._loop
-        if loop is not None and threading.get_ident() != self._loop_thread:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the actor is ending
-                loop.call_soon_threadsafe(self.add, item)
-            return
         if self._closed:
             return
+        # Appended now, from whichever thread: a log record made while a
+        # handler blocks the loop precedes that handler's EV_DONE, as in Pool.
         self._events.append(item)
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread:
+            self._wake()
+        else:
+            # The waiter belongs to the loop: only the loop may complete it.
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the actor is ending
+                loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        """Answer the outstanding ``next_events`` call, if it waits (on the loop's thread)."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _attach(self) -> None:
+        """Remember the actor's loop and its thread (every coroutine of the actor runs there)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
 
     def _close(self) -> None:
         self._closed = True
         if self._handler is not None:
             logging.getLogger().removeHandler(self._handler)
             self._handler = None
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     async def next_events(self) -> bytes | None:
         """Wait until there are events; return them as one pickled batch (``None``: ended).
@@ -162,21 +196,22 @@ class LooppoolActor:
         The parent keeps exactly one of these calls outstanding: this is the
         actor-to-parent channel, and it costs nothing while the actor is idle.
         """
-        loop = asyncio.get_running_loop()
-        while not self._events:
+        self._attach()  # before the first wait: another thread's add() must know the loop
+        events = self._events
+        while not events:
             if self._closed:
                 return None
-            self._waiter = loop.create_future()
+            self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        items, self._events = self._events, []
+        # popleft, not a swap of lists: another thread may append meanwhile.
+        items = [events.popleft() for _ in range(len(events))]
         return pickle.dumps(items, P.PROTOCOL)
 
     # -- life cycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         """Build the worker and run ``initialise()``; report ready or failed as an event."""
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
+        self._attach()
         # The worker's log records go to the parent's logging, as in Pool.
         # Only the root logger gets a handler: Ray's own loggers keep theirs.
         self._handler = _ForwardHandler(self)  # type: ignore[arg-type]
@@ -185,6 +220,9 @@ class LooppoolActor:
         root.setLevel(self._log_level)
         try:
             worker = await self._runner.initialise()
+            if worker is not None:
+                # As in a Pool's worker: after initialise(), before EV_READY.
+                self._monitor = self._start_monitor()
         finally:
             self._started.set()  # stop() may now proceed, started or not
         if worker is None:
@@ -221,10 +259,32 @@ class LooppoolActor:
                 await fut
             if self._runner.worker is not None:
                 await self._runner.finish_in_flight(cancel)
+                monitor, self._monitor = self._monitor, None
+                if monitor is not None:
+                    await monitor.aclose()  # never raises
                 await self._runner.finalise()
         finally:
             self.add((P.EV_BYE,))
             self._close()
+
+    def _start_monitor(self) -> WorkerMonitor | None:
+        """Start the statsd reporter and the blocking detector on this loop, if asked for."""
+        if not self._monitor_options:
+            return None
+        assert self._loop is not None
+        monitor = WorkerMonitor(
+            loop=self._loop,
+            number=self._number,
+            pool_name=self._pool_name,
+            counters=self._runner.counters,
+            on_blocked=self._on_blocked,
+            **self._monitor_options,
+        )
+        monitor.start()  # never raises: a bad address is logged, and the actor runs on
+        return monitor
+
+    def _on_blocked(self) -> None:
+        self.add((P.EV_BLOCKED,))  # from the detector's watchdog thread: add() is thread-safe
 
     def _run_frame(self, frame: bytes) -> None:
         runner = self._runner
@@ -279,7 +339,13 @@ class RayPool(PoolCore[_ActorSlot]):
       ``put`` waits and ``put_nowait`` raises :class:`~looppool.QueueFull`.
     * ``on_result`` — a callback (plain or ``async``) receiving every result
       instead of :meth:`results`.
-    * ``name`` — shown in logs.
+    * ``name`` — shown in logs and metric names.
+    * ``statsd``, ``statsd_prefix``, ``metrics_interval``,
+      ``blocking_threshold`` — monitoring, as in :class:`looppool.Pool` (see
+      :mod:`looppool.metrics`): each actor sends its gauges from its own node
+      (``"host:port"`` is resolved there; a client instance travels to the
+      actors with cloudpickle), and a blocked actor loop logs a warning that
+      reaches the parent's logging.
     * ``**ray_actor_options`` — passed to ``.options()`` of every actor:
       ``num_cpus`` (default 1: an actor per core), ``resources``,
       ``scheduling_strategy`` (``"SPREAD"`` spreads the actors over nodes),
@@ -299,6 +365,10 @@ class RayPool(PoolCore[_ActorSlot]):
         max_pending: int = DEFAULT_MAX_PENDING,
         on_result: ResultCallback | None = None,
         name: str | None = None,
+        statsd: str | object | None = None,
+        statsd_prefix: str | None = None,
+        metrics_interval: float = 10.0,
+        blocking_threshold: float | None = None,
         **ray_actor_options: Any,
     ) -> None:
         super().__init__(
@@ -323,6 +393,17 @@ class RayPool(PoolCore[_ActorSlot]):
             raise TypeError(
                 f"the worker factory {worker!r} cannot be pickled, which Ray needs: {exc}"
             ) from exc
+        self._monitor = _monitor_options(
+            statsd, statsd_prefix, metrics_interval, blocking_threshold
+        )
+        if self._monitor is not None:
+            try:
+                ray.cloudpickle.dumps(statsd)  # type: ignore[no-untyped-call, unused-ignore]
+            except Exception as exc:
+                raise TypeError(
+                    f"statsd={statsd!r} cannot be pickled, which Ray needs to send it to the "
+                    f"actors; pass 'host:port' or a factory of clients: {exc}"
+                ) from exc
         options: dict[str, Any] = {"num_cpus": 1, **ray_actor_options}
         options.update(
             max_concurrency=concurrency + CONTROL_CALLS,
@@ -371,7 +452,11 @@ class RayPool(PoolCore[_ActorSlot]):
         """Create an actor for ``slot``, ask it to start, and listen to it."""
         assert self._loop is not None
         actor = self._actor_class.remote(
-            self._factory, slot.number, self.name, logging.getLogger().getEffectiveLevel()
+            self._factory,
+            slot.number,
+            self.name,
+            logging.getLogger().getEffectiveLevel(),
+            self._monitor,
         )
         slot.actor = actor
         slot.state = SlotState.STARTING
@@ -441,6 +526,34 @@ class RayPool(PoolCore[_ActorSlot]):
         for slot in self._slots:
             if slot.listener is not None and not slot.listener.done():
                 slot.listener.cancel()
+
+
+def _monitor_options(
+    statsd: object,
+    statsd_prefix: str | None,
+    metrics_interval: float,
+    blocking_threshold: float | None,
+) -> dict[str, Any] | None:
+    """Check the monitoring options as ``Pool`` does; the actors' ``WorkerMonitor`` options.
+
+    ``None`` when neither ``statsd`` nor ``blocking_threshold`` is given.
+    The checks and their messages are ``Pool``'s (``_pool.Pool.__init__``,
+    which does them inline; ``check_statsd_option`` is shared): a test holds
+    the two to the same errors.
+    """
+    if statsd is None and blocking_threshold is None:
+        return None
+    if blocking_threshold is not None and blocking_threshold <= 0:
+        raise ValueError(f"blocking_threshold must be > 0 or None, not {blocking_threshold}")
+    if metrics_interval <= 0:
+        raise ValueError(f"metrics_interval must be > 0, not {metrics_interval}")
+    check_statsd_option(statsd)  # raises at the point of the mistake
+    return {
+        "statsd": statsd,
+        "statsd_prefix": statsd_prefix,
+        "interval": metrics_interval,
+        "blocking_threshold": blocking_threshold,
+    }
 
 
 def _kill(actor: Any) -> None:
