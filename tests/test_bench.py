@@ -7,6 +7,7 @@ lives in the benchmark itself, see docs/performance.md).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,33 @@ def test_unknown_system_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
         main(["--systems", "limit,nope"])
     assert info.value.code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_ray_rows_without_ray_are_one_note(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without Ray installed, the Ray rows are not run and say so in one line; nothing fails."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes "import ray" fail: Ray never starts
+    monkeypatch.delitem(sys.modules, "looppool.ray", raising=False)
+    out_file = tmp_path / "bench.json"
+    status = main(
+        [
+            "--quick",
+            "--repeat",
+            "1",
+            "--workloads",
+            "W1,W4",
+            "--systems",
+            "limit,looppool-ray,ray-call",
+            "--json",
+            str(out_file),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    [note] = [line for line in out.splitlines() if "not run —" in line]
+    assert note.strip().startswith("looppool-ray, ray-call: not run — Ray is not installed")
+    assert "looppool[ray]" in note
+    report = json.loads(out_file.read_text())
+    assert {r["system"] for r in report["results"]} == {"limit"}
+    assert set(report["not_run"]) == {"looppool-ray", "ray-call"}

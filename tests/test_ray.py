@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib
+import json
 import logging
 import os
 import re
@@ -41,6 +42,7 @@ ray = pytest.importorskip("ray")
 
 import looppool  # noqa: E402
 import ray_workers as w  # noqa: E402
+from looppool._bench import main as bench_main  # noqa: E402
 from looppool.metrics import StatsdClient  # noqa: E402
 from looppool.ray import RayPool  # noqa: E402
 
@@ -69,9 +71,20 @@ def _children() -> dict[int, tuple[psutil.Process, str]]:
     found = {}
     for proc in psutil.Process().children(recursive=True):
         cmdline = _cmdline(proc)
-        if cmdline is not None:
+        if cmdline is not None and not _is_resource_tracker(proc, cmdline):
             found[proc.pid] = (proc, cmdline)
     return found
+
+
+def _is_resource_tracker(proc: psutil.Process, cmdline: str) -> bool:
+    """multiprocessing's resource tracker: it lives as long as this process, by design.
+
+    The benchmark's test starts one (the limit's children are spawned).
+    """
+    try:
+        return "multiprocessing.resource_tracker" in cmdline and proc.ppid() == os.getpid()
+    except psutil.Error:
+        return False
 
 
 def _wait_gone(procs: list[psutil.Process]) -> list[psutil.Process]:
@@ -734,3 +747,52 @@ def test_monitoring_options_are_checked_as_pool_checks_them() -> None:
     RayPool(w.Echo, 1, metrics_interval=0, statsd_prefix="unused")
     with pytest.raises(TypeError, match="cannot be pickled, which Ray needs"):
         RayPool(w.Echo, 1, statsd=UnpicklableClient())
+
+
+# -- the benchmark's Ray rows ---------------------------------------------------------------
+
+
+def test_bench_ray_rows_run_in_a_tiny_configuration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """looppool bench's looppool-ray and ray-call rows run on this Ray instance and give numbers."""
+    out_file = tmp_path / "bench.json"
+    status = bench_main(
+        [
+            "--quick",
+            "--repeat",
+            "1",
+            "--workloads",
+            "W1,W4",
+            "--systems",
+            "limit-asyncio,looppool-ray,ray-call",
+            "--json",
+            str(out_file),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    report = json.loads(out_file.read_text())
+    assert report["failed"] == []
+    assert report["not_run"] == {}
+    assert report["leftover_processes"] == []
+    rows = {(r["workload"], r["system"]): r for r in report["results"]}
+    assert set(rows) == {
+        ("W1", "limit-asyncio"),
+        ("W1", "looppool-ray"),
+        ("W4", "limit-asyncio"),
+        ("W4", "looppool-ray"),
+        ("W4", "ray-call"),  # round trips only: no W1 row
+    }
+    w1, w4, floor = rows["W1", "looppool-ray"], rows["W4", "looppool-ray"], rows["W4", "ray-call"]
+    assert w1["count"] == 400
+    assert [rate > 0 for rate in w1["rate"]] == [True]
+    assert [0 < p50 <= p99 for p50, p99 in zip(w4["p50_us"], w4["p99_us"], strict=True)] == [True]
+    assert [p50 > 0 for p50 in floor["p50_us"]] == [True]
+    # In each table, with ratios to the limit, and a footnote saying where Ray ran.
+    rows_shown = [x for x in out.splitlines() if re.match(r"\s+looppool-ray\s+[0-9]", x)]
+    assert len(rows_shown) == 2
+    assert all(re.search(r"\d\.\d\dx", x) for x in rows_shown), rows_shown
+    assert "the Ray instance this process was already connected to" in out
+    assert "looppool-ray ÷ ray-call" in out
+    assert ray.is_initialized()  # the bench leaves a connection it did not make alone

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from . import _handlers
+from ._ray import LATENCY_ONLY, RAY_SYSTEMS, RaySession
 from ._systems import (
     ALL_SYSTEMS,
     DEFAULT_SYSTEMS,
@@ -300,6 +301,8 @@ def _family(name: str) -> str:
         return "limit"
     if name == "ppe-batch":
         return "reference"  # needs every message up front: not a streaming peer
+    if name == "ray-call":
+        return "reference"  # Ray's bare call: the floor under looppool-ray, not a pool
     return "looppool" if name.startswith("looppool") else "peer"
 
 
@@ -451,6 +454,24 @@ def _render_scaling(count: int, system: str, results: Sequence[Result]) -> list[
     lines = [f"Scaling: W1 ({count:,} messages) on {system}"]
     lines += _table(header, rows) if rows else []
     lines += _not_run(results, lambda r: f"{r.size} workers")
+    return lines
+
+
+def _ray_notes(workload: Workload, results: Sequence[Result], where: str) -> list[str]:
+    """Footnotes for the Ray rows of one table: where they ran; RayPool over Ray's floor."""
+    ran = [r for r in results if r.ok and r.system in RAY_SYSTEMS]
+    if not ran:
+        return []
+    names = ", ".join(r.system for r in ran)
+    lines = [f"  {names}: measured after the other systems, on {where}"]
+    pool = next((r for r in ran if r.system == "looppool-ray"), None)
+    floor = next((r for r in ran if r.system == "ray-call"), None)
+    if workload.kind == "latency" and pool and floor:
+        lines.append(
+            f"  looppool-ray ÷ ray-call (RayPool over Ray's own round trip): "
+            f"p50 {_med(pool.p50_us) / _med(floor.p50_us):.2f}x, "
+            f"p99 {_med(pool.p99_us) / _med(floor.p99_us):.2f}x"
+        )
     return lines
 
 
@@ -616,6 +637,14 @@ def _parser() -> argparse.ArgumentParser:
         help="run each system's repeats back to back on one start, instead of one run "
         "per system per round, each on a fresh start",
     )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="Ray for the looppool-ray and ray-call rows: by default a local instance "
+        "started for them (--size CPUs, 127.0.0.1 only) and shut down after; or an "
+        "address for ray.init ('auto', 'host:6379', 'ray://host:10001')",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return parser
 
@@ -637,30 +666,35 @@ async def _run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str
         print(line, file=sys.stderr, flush=True)
 
     load_before = os.getloadavg()[0]
-    by_workload: dict[str, list[Result]] = {}
-    scaling: list[Result] = []
-    sections: list[list[str]] = []
-    for key in workload_keys:
-        if key == SCALING:
-            continue
-        workload = WORKLOADS[key]
-        results = await _series(
-            [(name, args.size) for name in args.system_list],
-            workload,
+    keys = [key for key in workload_keys if key != SCALING]
+    local = [name for name in args.system_list if name not in RAY_SYSTEMS]
+    on_ray = [name for name in args.system_list if name in RAY_SYSTEMS]
+
+    def jobs(names: list[str], workload: Workload) -> list[tuple[str, int]]:
+        return [
+            (name, args.size)
+            for name in names
+            if workload.kind == "latency" or name not in LATENCY_ONLY
+        ]
+
+    async def series(names: list[str], key: str) -> list[Result]:
+        return await _series(
+            jobs(names, WORKLOADS[key]),
+            WORKLOADS[key],
             count=counts[key],
             repeat=args.repeat,
             interleave=args.interleave,
             start_method=start_method,
             log=log,
         )
-        by_workload[key] = results
-        if workload.kind == "latency":
-            sections.append(_render_latency(workload, counts[key], results))
-        else:
-            sections.append(_render_stream(workload, counts[key], results))
+
+    by_workload: dict[str, list[Result]] = {}
+    for key in keys:
+        by_workload[key] = await series(local, key) if local else []
     scaling_system = args.scaling_system or (
         "looppool-uvloop" if best_loop() == "uvloop" else "looppool-asyncio"
     )
+    scaling: list[Result] = []
     if SCALING in workload_keys:
         scaling = await _series(
             [(scaling_system, size) for size in args.scaling_size_list],
@@ -671,6 +705,41 @@ async def _run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str
             start_method=start_method,
             log=log,
         )
+    # The Ray rows come last, in a phase of their own: Ray's daemons live
+    # only while they are measured (see ._ray).
+    ray_note: str | None = None
+    ray_where = ""
+    if on_ray and keys:
+        session = RaySession(args.size, args.ray_address)
+        log("Ray: connecting (a local instance takes a few seconds to start)")
+        try:
+            ray_note = session.open()
+        except Exception as exc:  # installed, but it cannot start or connect: a failure
+            error = f"Ray did not start: {type(exc).__name__}: {exc}"
+            log(f"  {error}")
+            session.close()
+            for key in keys:
+                for name, size in jobs(on_ray, WORKLOADS[key]):
+                    by_workload[key].append(Result(key, name, size, counts[key], error=error))
+        else:
+            try:
+                if ray_note is None:
+                    ray_where = session.where
+                    for key in keys:
+                        by_workload[key] += await series(on_ray, key)
+                else:
+                    log(f"  {', '.join(on_ray)}: not run ({ray_note})")
+            finally:
+                session.close()
+    sections: list[list[str]] = []
+    for key in keys:
+        workload, results = WORKLOADS[key], by_workload[key]
+        if workload.kind == "latency":
+            section = _render_latency(workload, counts[key], results)
+        else:
+            section = _render_stream(workload, counts[key], results)
+        sections.append(section + _ray_notes(workload, results, ray_where))
+    if SCALING in workload_keys:
         sections.append(_render_scaling(counts["W1"], scaling_system, scaling))
     targets = _targets(by_workload, scaling, counts)
     load_after = os.getloadavg()[0]
@@ -694,7 +763,10 @@ async def _run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str
         out("")
     out("Systems:")
     for name in dict.fromkeys([*args.system_list, *([scaling_system] if scaling else [])]):
-        out(f"  {name:<17} {DESCRIPTIONS[name].format(loop=loop)}")
+        if ray_note is None or name not in on_ray:
+            out(f"  {name:<17} {DESCRIPTIONS[name].format(loop=loop)}")
+    if ray_note is not None:
+        out(f"  {', '.join(on_ray)}: not run — {ray_note}")
     out("")
     if targets:
         out("Targets (medians of this run):")
@@ -719,7 +791,9 @@ async def _run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str
             "counts": counts,
             "systems": args.system_list,
             "workloads": workload_keys,
+            "ray_address": args.ray_address,
         },
+        "not_run": dict.fromkeys(on_ray, ray_note) if ray_note is not None else {},
         "results": [dataclasses.asdict(r) for rs in by_workload.values() for r in rs],
         "scaling": [dataclasses.asdict(r) for r in scaling],
         "targets": [dataclasses.asdict(t) for t in targets],
@@ -731,22 +805,48 @@ async def _run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str
     }
 
 
-def _leftovers() -> list[str]:
-    """Kill and describe child processes still alive (none should be).
+def _family_tree() -> dict[int, int]:
+    """Every descendant of this process: pid to parent pid."""
+    psutil = _psutil()
+    if psutil is None:  # pragma: no cover
+        return {}
+    tree = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            tree[proc.pid] = proc.ppid()
+        except psutil.Error:
+            continue
+    return tree
+
+
+def _leftovers(before: set[int]) -> list[str]:
+    """Kill and describe child processes the run started that are still alive (none should be).
 
     multiprocessing's resource tracker and fork server are left alone: they
-    live as long as this interpreter, by design, and end with it.
+    live as long as this interpreter, by design, and end with it. So are the
+    processes that existed before the run, and their descendants: a Ray
+    instance this process was connected to, with the workers its raylet
+    starts, is not the benchmark's to end.
     """
     psutil = _psutil()
     if psutil is None:  # pragma: no cover
         return []
+    tree = _family_tree()
+
+    def predates(pid: int) -> bool:
+        while pid in tree:
+            if pid in before:
+                return True
+            pid = tree[pid]
+        return False
+
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
             cmdline = " ".join(proc.cmdline())
         except psutil.Error:
             continue
-        if "resource_tracker" in cmdline or "forkserver" in cmdline:
+        if "resource_tracker" in cmdline or "forkserver" in cmdline or predates(proc.pid):
             continue
         found.append(f"pid {proc.pid}: {cmdline[:120]}")
         try:
@@ -788,9 +888,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(line)
         print(line, flush=True)
 
+    before = set(_family_tree())
     with asyncio.Runner(loop_factory=factory) as runner:
         report = runner.run(_run(args, out))
-    left = _leftovers()
+    left = _leftovers(before)
     report["leftover_processes"] = left
     report["table"] = "\n".join(lines)
     for line in left:

@@ -139,10 +139,15 @@ class LooppoolSystem(System):
             raise Skip("uvloop is not installed")
 
     async def start(self, handler: str, reply: bool) -> None:
-        looppool = importlib.import_module("looppool")
         stream_cls, reply_cls = _handlers.WORKERS[handler]
-        self._pool = looppool.Pool(
-            reply_cls if reply else stream_cls,
+        self._pool = self._new_pool(reply_cls if reply else stream_cls)
+        await self._pool.start()
+
+    def _new_pool(self, worker: Any) -> Any:
+        """The pool to measure, not started (``looppool-ray`` makes a RayPool)."""
+        looppool = importlib.import_module("looppool")
+        return looppool.Pool(
+            worker,
             size=self.size,
             loop=self.loop,
             start_method=self.start_method,
@@ -152,7 +157,6 @@ class LooppoolSystem(System):
             on_result=self._counter,
             name=f"bench-{self.name}",
         )
-        await self._pool.start()
 
     async def stream(self, messages: list[int]) -> None:
         done = self._counter.arm(len(messages))
@@ -384,6 +388,9 @@ ALL_SYSTEMS = [
     "ppe-batch",
     "aiomp",
     "aiomp-tuned",
+    # Measured in a phase of their own, after the others (see ._ray).
+    "looppool-ray",
+    "ray-call",
 ]
 DEFAULT_SYSTEMS = list(ALL_SYSTEMS)
 
@@ -398,6 +405,10 @@ DESCRIPTIONS = {
     "not a peer: needs every message up front)",
     "aiomp": "aiomultiprocess.Pool, default settings",
     "aiomp-tuned": "aiomultiprocess.Pool, childconcurrency=4096, uvloop",
+    "looppool-ray": "looppool.ray.RayPool: the same workers as Ray async actors (asyncio), "
+    "one per worker",
+    "ray-call": "one bare async Ray actor, an awaited call per round trip: Ray's own latency, "
+    "the floor under looppool-ray (W4 only; a reference, not a peer)",
 }
 
 
@@ -422,4 +433,12 @@ def make_system(name: str, size: int, start_method: str | None) -> System:
         return AiompSystem(name, size, start_method, tuned=False)
     if name == "aiomp-tuned":
         return AiompSystem(name, size, start_method, tuned=True)
+    if name == "looppool-ray":
+        from ._ray import RayPoolSystem
+
+        return RayPoolSystem(name, size, start_method)
+    if name == "ray-call":
+        from ._ray import RayCallSystem
+
+        return RayCallSystem(name, size, start_method)
     raise ValueError(f"unknown system {name!r}; known: {', '.join(ALL_SYSTEMS)}")
