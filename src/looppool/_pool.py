@@ -33,7 +33,7 @@ import os
 import pickle
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 from . import _protocol as P
 from ._child import ChildConfig, worker_main
@@ -55,8 +55,6 @@ from ._pipes import PipeWriter, SharedQueue
 from ._worker import Worker
 
 __all__ = ["Pool", "PoolStats"]
-
-READ_SIZE: Final = 1 << 16  # a 1 MiB read costs ~15 µs even when little is there
 
 LoopKind = Literal["auto", "asyncio", "uvloop"]
 StartMethod = Literal["fork", "spawn", "forkserver"]
@@ -345,7 +343,7 @@ class Pool(PoolCore[_ProcSlot]):
 
     def _on_readable(self, slot: _ProcSlot) -> None:
         try:
-            data = os.read(slot.rfd, READ_SIZE)
+            data = os.read(slot.rfd, P.READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
@@ -366,7 +364,7 @@ class Pool(PoolCore[_ProcSlot]):
             return
         while True:
             try:
-                data = os.read(slot.rfd, READ_SIZE)
+                data = os.read(slot.rfd, P.READ_SIZE)
             except (BlockingIOError, OSError):
                 return
             if not data:
