@@ -5,7 +5,7 @@
   parent: the Ray driver (the user's asyncio app)          Ray async actor k (LooppoolActor)
   ───────────────────────────────────────────────          ───────────────────────────────────
   put(m) ── pickle in caller ─► fair rounds ─► slot k queue       hosts the user's Worker, on
-  put(m, worker=k) / broadcast / submit ─────► slot k queue       the actor's asyncio loop
+  put(m, worker=k) / broadcast / submit ─────► slot k queue       the actor's event loop
   _pump (once per loop turn, ≤ concurrency held per slot):
       actor.deliver.remote(seq, frame) ───────────────────────► run each message as a task:
                                                                     process_message(msg)
@@ -117,9 +117,10 @@ class LooppoolActor:
     """Hosts one :class:`~looppool.Worker` inside a Ray async actor.
 
     :class:`RayPool` creates one per worker number; users do not construct it.
-    Every method is a coroutine, so Ray runs the actor on one asyncio loop
-    (in a thread of the actor's process); the worker's hooks and every
-    ``process_message`` task run on that loop, as in a Pool's worker process.
+    Every method is a coroutine, so Ray runs the actor on one event loop
+    (in a thread of the actor's process; uvloop when Ray finds it installed,
+    else asyncio's); the worker's hooks and every ``process_message`` task
+    run on that loop, as in a Pool's worker process.
     """
 
     def __init__(

@@ -712,8 +712,11 @@ async def _run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str
     if on_ray and keys:
         session = RaySession(args.size, args.ray_address)
         log("Ray: connecting (a local instance takes a few seconds to start)")
+        t0 = time.perf_counter()
         try:
             ray_note = session.open()
+            if ray_note is None:
+                log(f"Ray: ready in {time.perf_counter() - t0:.1f} s: {session.where}")
         except Exception as exc:  # installed, but it cannot start or connect: a failure
             error = f"Ray did not start: {type(exc).__name__}: {exc}"
             log(f"  {error}")

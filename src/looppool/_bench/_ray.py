@@ -23,7 +23,7 @@ import importlib
 import os
 from typing import Any, Final
 
-from ._systems import LooppoolSystem, Skip, System
+from ._systems import LooppoolSystem, Skip, System, best_loop
 
 __all__ = ["LATENCY_ONLY", "RAY_SYSTEMS", "RayCallFloor", "RayCallSystem", "RaySession"]
 
@@ -120,7 +120,8 @@ class RayPoolSystem(LooppoolSystem):
     """looppool's RayPool: the same driving and worker classes as the ``looppool-*`` rows."""
 
     def __init__(self, name: str, size: int, start_method: str | None) -> None:
-        super().__init__(name, size, start_method, loop="asyncio")  # Ray's actors run asyncio
+        # Ray chooses the actors' loop (uvloop when importable); this only names it.
+        super().__init__(name, size, start_method, loop=best_loop())
 
     def check(self, handler: str, count: int, reply: bool) -> None:
         try:

@@ -405,8 +405,8 @@ DESCRIPTIONS = {
     "not a peer: needs every message up front)",
     "aiomp": "aiomultiprocess.Pool, default settings",
     "aiomp-tuned": "aiomultiprocess.Pool, childconcurrency=4096, uvloop",
-    "looppool-ray": "looppool.ray.RayPool: the same workers as Ray async actors (asyncio), "
-    "one per worker",
+    "looppool-ray": "looppool.ray.RayPool: the same workers as Ray async actors, one per "
+    "worker (on Ray's loop: uvloop when installed)",
     "ray-call": "one bare async Ray actor, an awaited call per round trip: Ray's own latency, "
     "the floor under looppool-ray (W4 only; a reference, not a peer)",
 }
