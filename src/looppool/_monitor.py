@@ -28,7 +28,7 @@ import inspect
 import logging
 import re
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Any, Final
 
 from .metrics import BLOCKING_LOGGER, BlockingDetector, ResourceReporter, StatsdClient
 
@@ -100,6 +100,33 @@ def check_statsd_option(statsd: object) -> None:
             f"statsd must be 'host:port', a statsd client (with a gauge(name, value) or "
             f"send_gauge(name, value) method) or a callable returning one, not {statsd!r}"
         )
+
+
+def monitor_options(
+    statsd: object,
+    statsd_prefix: str | None,
+    metrics_interval: float,
+    blocking_threshold: float | None,
+) -> dict[str, Any] | None:
+    """Check a pool's monitoring options in its constructor; return the workers' monitor options.
+
+    ``None`` when neither ``statsd`` nor ``blocking_threshold`` is given (no
+    monitor). ``Pool`` and ``RayPool`` both call this, so they raise the same
+    errors for the same mistakes.
+    """
+    if statsd is None and blocking_threshold is None:
+        return None
+    if blocking_threshold is not None and blocking_threshold <= 0:
+        raise ValueError(f"blocking_threshold must be > 0 or None, not {blocking_threshold}")
+    if metrics_interval <= 0:
+        raise ValueError(f"metrics_interval must be > 0, not {metrics_interval}")
+    check_statsd_option(statsd)  # raises at the point of the mistake
+    return {
+        "statsd": statsd,
+        "statsd_prefix": statsd_prefix,
+        "interval": metrics_interval,
+        "blocking_threshold": blocking_threshold,
+    }
 
 
 def metric_prefix(statsd_prefix: str | None, pool_name: str, number: int) -> str:

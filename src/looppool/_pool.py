@@ -51,6 +51,7 @@ from ._core import (
     logger,
 )
 from ._errors import LooppoolError, WorkerLost, describe_exit
+from ._monitor import monitor_options
 from ._pipes import PipeWriter, SharedQueue
 from ._worker import Worker
 
@@ -158,23 +159,7 @@ class Pool(PoolCore[_ProcSlot]):
                     f"the worker factory {worker!r} cannot be pickled, which the "
                     f"{self._start_method!r} start method needs: {exc}"
                 ) from exc
-        self._monitor: dict[str, Any] | None = None
-        if statsd is not None or blocking_threshold is not None:
-            if blocking_threshold is not None and blocking_threshold <= 0:
-                raise ValueError(
-                    f"blocking_threshold must be > 0 or None, not {blocking_threshold}"
-                )
-            if metrics_interval <= 0:
-                raise ValueError(f"metrics_interval must be > 0, not {metrics_interval}")
-            from ._monitor import check_statsd_option
-
-            check_statsd_option(statsd)  # raises at the point of the mistake
-            self._monitor = {
-                "statsd": statsd,
-                "statsd_prefix": statsd_prefix,
-                "interval": metrics_interval,
-                "blocking_threshold": blocking_threshold,
-            }
+        self._monitor = monitor_options(statsd, statsd_prefix, metrics_interval, blocking_threshold)
 
         self._loop_kind = ("uvloop" if has_uvloop else "asyncio") if loop == "auto" else loop
         self._distribution = distribution

@@ -85,7 +85,7 @@ from ._core import (
     SlotState,
 )
 from ._errors import WorkerLost
-from ._monitor import WorkerMonitor, check_statsd_option
+from ._monitor import WorkerMonitor, monitor_options
 from ._runner import MessageRunner
 from ._worker import Worker
 
@@ -394,9 +394,7 @@ class RayPool(PoolCore[_ActorSlot]):
             raise TypeError(
                 f"the worker factory {worker!r} cannot be pickled, which Ray needs: {exc}"
             ) from exc
-        self._monitor = _monitor_options(
-            statsd, statsd_prefix, metrics_interval, blocking_threshold
-        )
+        self._monitor = monitor_options(statsd, statsd_prefix, metrics_interval, blocking_threshold)
         if self._monitor is not None:
             try:
                 ray.cloudpickle.dumps(statsd)  # type: ignore[no-untyped-call, unused-ignore]
@@ -527,34 +525,6 @@ class RayPool(PoolCore[_ActorSlot]):
         for slot in self._slots:
             if slot.listener is not None and not slot.listener.done():
                 slot.listener.cancel()
-
-
-def _monitor_options(
-    statsd: object,
-    statsd_prefix: str | None,
-    metrics_interval: float,
-    blocking_threshold: float | None,
-) -> dict[str, Any] | None:
-    """Check the monitoring options as ``Pool`` does; the actors' ``WorkerMonitor`` options.
-
-    ``None`` when neither ``statsd`` nor ``blocking_threshold`` is given.
-    The checks and their messages are ``Pool``'s (``_pool.Pool.__init__``,
-    which does them inline; ``check_statsd_option`` is shared): a test holds
-    the two to the same errors.
-    """
-    if statsd is None and blocking_threshold is None:
-        return None
-    if blocking_threshold is not None and blocking_threshold <= 0:
-        raise ValueError(f"blocking_threshold must be > 0 or None, not {blocking_threshold}")
-    if metrics_interval <= 0:
-        raise ValueError(f"metrics_interval must be > 0, not {metrics_interval}")
-    check_statsd_option(statsd)  # raises at the point of the mistake
-    return {
-        "statsd": statsd,
-        "statsd_prefix": statsd_prefix,
-        "interval": metrics_interval,
-        "blocking_threshold": blocking_threshold,
-    }
 
 
 def _kill(actor: Any) -> None:
