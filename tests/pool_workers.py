@@ -235,11 +235,13 @@ class Gate:
 
     async def close(self) -> None:
         """In the test: stop the server."""
+        # Connections first: since Python 3.12 the server's wait_closed()
+        # waits for every connection it accepted to close.
+        for writer in self._writers:
+            writer.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        for writer in self._writers:
-            writer.close()
         for writer in self._writers:
             # The socket closes a loop turn after close(); a test counting fds looks at once.
             with contextlib.suppress(OSError):
