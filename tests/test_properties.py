@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import gc
 import logging
 import os
 import shutil
@@ -683,3 +684,34 @@ async def test_barrier_restart_with_a_backlog_leaves_nothing_behind(
     new_fds = {fd: _fd_target(fd) for fd in set(os.listdir("/proc/self/fd")) - fds_before}
     leaked = {fd: target for fd, target in new_fds.items() if target != "gone"}
     assert not leaked, f"file descriptors left open after stop(): {leaked}"
+
+
+def _named_semaphores() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("sem.mp-")}
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="lists named semaphores in /dev/shm")
+async def test_stopped_barrier_pool_releases_its_semaphores_even_if_never_collected() -> None:
+    """distribution='barrier' (spawn): stop() frees every generation's semaphores, not the GC."""
+    # Spawned workers need named semaphores; until something frees the
+    # Barrier and Lock holding them, they stay in /dev/shm. A pool caught in
+    # a reference cycle is freed only by the cyclic GC, at any moment: on
+    # Python 3.13 possibly inside the resource tracker, which then warns that
+    # the semaphore "might leak". So stop() must drop them itself.
+    before = _named_semaphores()
+    gc.disable()
+    try:
+        pool = looppool.Pool(
+            Recorder, size=2, start_method="spawn", loop=LOOP_KIND, distribution="barrier"
+        )
+        async with pool:
+            await pool.submit(("a", "ok", 0))
+            os.kill(pool.pids[0], signal.SIGKILL)  # a restart: a second generation
+            await pool.submit(("b", "ok", 0))
+            assert _named_semaphores() - before, "the test needs a pool that uses named semaphores"
+        cycle: list[Any] = [pool]
+        cycle.append(cycle)  # the pool stays referenced, as from a cycle nobody collects yet
+        left = _named_semaphores() - before
+        assert not left, f"a stopped pool still holds {len(left)} named semaphore(s)"
+    finally:
+        gc.enable()

@@ -474,4 +474,11 @@ class Pool(PoolCore[_ProcSlot]):
         # gets it again, or the stopping pool counts it lost.
         assert self._shared_queue is not None
         self._shared_queue.close()
+        # Drop the generation's semaphores now, while nothing else runs: their
+        # finalizers unregister them from multiprocessing's resource tracker.
+        # Left to a pool caught in a reference cycle, they would be collected
+        # whenever the cyclic GC runs, possibly inside the resource tracker's
+        # own call (Python 3.13: "ResourceTracker called reentrantly ... might
+        # leak"), which a test run hit.
         self._shared_queue = None
+        self._barrier = None
