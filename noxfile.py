@@ -61,9 +61,9 @@ def soak(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def ray(session: nox.Session) -> None:
-    """RayPool on a local Ray instance (2 CPUs, 127.0.0.1 only)."""
+    """RayPool on a local Ray instance, then on a two-node `ray start` cluster (127.0.0.1 only)."""
     session.install("-e", ".[test,ray]")
-    session.run("pytest", "tests/test_ray.py", *session.posargs)
+    session.run("pytest", "tests/test_ray.py", "tests/test_ray_cluster.py", *session.posargs)
 
 
 @nox.session(python="3.11")
