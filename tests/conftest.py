@@ -16,7 +16,7 @@ LOOP_KIND = os.environ.get("LOOPPOOL_TEST_LOOP", "asyncio")
 
 # RayPool's tests need the `ray` extra; the nox session `ray` installs it and
 # runs them. Elsewhere they are not collected (rather than reported skipped).
-collect_ignore = [] if importlib.util.find_spec("ray") else ["test_ray.py"]
+collect_ignore = [] if importlib.util.find_spec("ray") else ["test_ray.py", "test_ray_cluster.py"]
 
 _HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
 
