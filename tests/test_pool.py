@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 from collections import Counter
 from typing import Any
 
@@ -528,3 +529,36 @@ async def test_worker_processes_have_readable_titles(make_process: Any) -> None:
     async with make_process(w.Echo, name="crawl") as pool:
         titles = [" ".join(psutil.Process(pid).cmdline()).strip() for pid in pool.pids if pid]
     assert titles == ["looppool: crawl worker 0", "looppool: crawl worker 1"]
+
+
+TITLE_SCRIPT = """
+import asyncio, os, sys
+import psutil, looppool
+from pool_workers import Echo
+
+async def main():
+    async with looppool.Pool(Echo, size=1, start_method="fork", name="crawl") as pool:
+        print(" ".join(psutil.Process(pool.pids[0]).cmdline()).strip())
+
+if __name__ == "__main__":
+    os.environ["LOOPPOOL_TEST_VAR"] = "changed"  # the first variable at start-up
+    asyncio.run(main())
+"""
+
+
+async def test_forked_workers_have_titles_after_the_parent_changed_its_environment() -> None:
+    """A parent that changed an existing environment variable still gets titled fork workers."""
+    pytest.importorskip("setproctitle")
+    # First in the environment: setproctitle finds argv by walking back from environ[0].
+    env = {"LOOPPOOL_TEST_VAR": "original", **os.environ, "PYTHONPATH": _tests_path()}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", TITLE_SCRIPT, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    assert out.decode().strip() == "looppool: crawl worker 0"
+
+
+def _tests_path() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)

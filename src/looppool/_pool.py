@@ -482,3 +482,24 @@ class Pool(PoolCore[_ProcSlot]):
         # leak"), which a test run hit.
         self._shared_queue = None
         self._barrier = None
+
+
+def _prepare_titles() -> None:
+    """Set setproctitle up now, at import, so that forked workers inherit it ready.
+
+    setproctitle finds the process's argv by walking back from the first
+    environment string; once that variable has been changed (the string now
+    lives elsewhere), its one-time set-up fails and titles silently stay
+    unchanged, in this process and in every child forked from it. Users
+    change ``os.environ`` after their imports, so importing looppool is the
+    last safe moment (seen with setproctitle 1.3.8 on Python 3.11-3.13;
+    tested). The set-up changes nothing visible in this process.
+    """
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.getproctitle()  # runs its one-time set-up
+
+
+_prepare_titles()
