@@ -14,11 +14,14 @@ import time
 from typing import Any
 
 import looppool
+from pool_workers import Cancellable as Cancellable
 
 # Workers whose behaviour is the same under Ray as under Pool are shared.
 from pool_workers import FailingInit as FailingInit
+from pool_workers import Finalising as Finalising
 from pool_workers import Gate as Gate
 from pool_workers import Scaled as Scaled
+from pool_workers import Stateful as Stateful
 from pool_workers import SyncEcho as SyncEcho
 from pool_workers import UnpicklableError as UnpicklableError
 
@@ -56,30 +59,6 @@ class NotAWorker:
 def make_not_a_worker() -> Any:
     """A factory returning something that is not a Worker."""
     return NotAWorker()
-
-
-class Stateful(looppool.SafeWorker):
-    """Keeps a table updated by ("set", value) messages; replies with its table."""
-
-    def initialise(self) -> None:
-        self.table: list[Any] = []
-
-    def process_message(self, message: Any) -> Any:
-        if isinstance(message, tuple) and message[0] == "set":
-            self.table.append(message[1])
-            self.put_result((self.number, message[1]))
-            return None
-        return list(self.table)
-
-
-class Finalising(looppool.SafeWorker):
-    """Puts a result from finalise(), to show that it runs at stop."""
-
-    async def process_message(self, message: Any) -> Any:
-        return message
-
-    async def finalise(self) -> None:
-        self.put_result((self.number, "finalised"))
 
 
 class Logging(looppool.SafeWorker):
@@ -133,20 +112,6 @@ class GatedWorker(looppool.Worker):
         if message == "hold":
             self.put_result((self.number, "holding"))
             await self.gate.wait()
-        return message
-
-
-class Cancellable(looppool.Worker):
-    """A Worker whose "hang" messages wait forever; reports cancellation as a result."""
-
-    async def process_message(self, message: Any) -> Any:
-        if message == "hang":
-            self.put_result((self.number, "started"))
-            try:
-                await asyncio.Event().wait()
-            finally:
-                self.put_result((self.number, "cancelled"))
-        self.put_result((self.number, message))
         return message
 
 

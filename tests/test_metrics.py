@@ -13,7 +13,6 @@ import inspect
 import logging
 import math
 import pickle
-import select
 import socket
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any, TypeVar
 import pytest
 
 from looppool.metrics import BlockingDetector, ResourceReporter, StatsdClient
+from statsd_server import StatsdServer, lines
 
 T = TypeVar("T")
 
@@ -70,52 +70,9 @@ def closed_port() -> int:
     return port
 
 
-class StatsdServer:
-    """A UDP socket on 127.0.0.1 that receives and parses statsd datagrams."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.setblocking(False)
-        self.port: int = self.sock.getsockname()[1]
-
-    def receive(self) -> bytes:
-        """The next datagram; fails the test after DEADLINE."""
-        readable, _, _ = select.select([self.sock], [], [], DEADLINE)
-        assert readable, f"no datagram within {DEADLINE} s"
-        return self.sock.recv(65535)
-
-    async def areceive(self) -> bytes:
-        """The next datagram, awaited on the running loop."""
-        return await asyncio.get_running_loop().sock_recv(self.sock, 65535)
-
-    async def areport(self) -> dict[str, float]:
-        """The gauges of the next datagram, by name."""
-        return gauges(await self.areceive())
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def block_loop(seconds: float) -> None:
     """Block the calling thread, the event loop's, on purpose."""
     time.sleep(seconds)
-
-
-def lines(datagram: bytes) -> list[str]:
-    """The statsd lines of a datagram."""
-    return datagram.decode().split("\n")
-
-
-def gauges(datagram: bytes) -> dict[str, float]:
-    """Parse a datagram of gauges (``name:value|g`` lines) into a dict."""
-    result = {}
-    for line in lines(datagram):
-        name, _, rest = line.partition(":")
-        value, _, kind = rest.partition("|")
-        assert kind == "g", line
-        result[name] = float(value)
-    return result
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import select
 import socket
 import threading
 import time
@@ -28,6 +27,7 @@ from looppool._monitor import (
     parse_statsd_address,
 )
 from looppool.metrics import StatsdClient
+from statsd_server import StatsdServer
 
 T = TypeVar("T")
 
@@ -66,38 +66,12 @@ def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, T]], T]
     return run
 
 
-class StatsdServer:
-    """A UDP socket on 127.0.0.1 that receives statsd datagrams of gauges."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.setblocking(False)
-        self.port: int = self.sock.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
-
-    async def areport(self) -> dict[str, float]:
-        """The gauges of the next datagram, by name."""
-        datagram = await asyncio.get_running_loop().sock_recv(self.sock, 65535)
-        result = {}
-        for line in datagram.decode().split("\n"):
-            name, _, rest = line.partition(":")
-            value, _, kind = rest.partition("|")
-            assert kind == "g", line
-            result[name] = float(value)
-        return result
-
-    def pending(self) -> bool:
-        """Whether a datagram is waiting (without waiting for one)."""
-        return bool(select.select([self.sock], [], [], 0)[0])
-
-
 @pytest.fixture
 def server() -> Iterator[StatsdServer]:
     """A statsd server on 127.0.0.1."""
     server = StatsdServer()
     yield server
-    server.sock.close()
+    server.close()
 
 
 def closed_port() -> int:

@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -46,6 +45,7 @@ import ray_workers as w  # noqa: E402
 from looppool._bench import main as bench_main  # noqa: E402
 from looppool.metrics import StatsdClient  # noqa: E402
 from looppool.ray import RayPool  # noqa: E402
+from statsd_server import StatsdServer  # noqa: E402
 
 TESTS = Path(__file__).parent
 OBJECT_STORE_BYTES = 80 * 1024 * 1024  # near Ray's minimum: the tests move small values
@@ -622,34 +622,12 @@ async def test_stop_timeout_kills_actors_that_do_not_finish(
 # -- monitoring: statsd and blocked loops -----------------------------------------------
 
 
-class StatsdServer:
-    """A UDP socket on 127.0.0.1 that receives the actors' statsd datagrams."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.setblocking(False)
-        self.port: int = self.sock.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
-
-    async def report(self) -> dict[str, float]:
-        """The gauges of the next datagram, by name (waits for it on the loop)."""
-        datagram = await asyncio.get_running_loop().sock_recv(self.sock, 65535)
-        gauges = {}
-        for line in datagram.decode().split("\n"):
-            name, _, rest = line.partition(":")
-            value, _, kind = rest.partition("|")
-            assert kind == "g", line
-            gauges[name] = float(value)
-        return gauges
-
-
 @pytest.fixture
 def statsd_server() -> Iterator[StatsdServer]:
     """A statsd server on 127.0.0.1 (never another interface)."""
     server = StatsdServer()
     yield server
-    server.sock.close()
+    server.close()
 
 
 class UnpicklableClient:
@@ -683,7 +661,7 @@ async def test_actors_send_statsd_gauges_named_as_in_pool(
             # Waits on the socket, with a deadline: reports come every 50 ms.
             async with asyncio.timeout(DEADLINE):
                 while not gauges["0"] or gauges["1"].get("messages.processed") != 3:
-                    for name, value in (await statsd_server.report()).items():
+                    for name, value in (await statsd_server.areport()).items():
                         match = re.fullmatch(r"lpt\.ray\.crawl\.worker\.([01])\.(.+)", name)
                         assert match is not None, name
                         gauges[match[1]][match[2]] = value
