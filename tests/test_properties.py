@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import gc
 import logging
@@ -32,7 +33,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -508,6 +509,19 @@ def test_random_operations_and_kills_under_spawn(distribution: str) -> None:
     run_state_machine_as_test(factory, settings=SPAWN)  # type: ignore[arg-type]
 
 
+@contextlib.asynccontextmanager
+async def _served_gate() -> AsyncIterator[Gate]:
+    """A Gate (a Unix-socket latch) served for the block, then closed and removed."""
+    directory = tempfile.mkdtemp(prefix="lp-")  # short: a socket path has a length limit
+    gate = Gate(os.path.join(directory, "gate"))
+    await gate.serve()
+    try:
+        yield gate
+    finally:
+        await gate.close()
+        shutil.rmtree(directory)
+
+
 # -- a finding of the machine above, reduced to a deterministic test -------------------
 
 
@@ -525,16 +539,13 @@ def test_message_sent_to_an_already_dead_worker_survives_one_more_death(
 
 async def _lose_after_one_death(start_method: str, loop_kind: str) -> int:
     """Send a message to a dead worker, kill the replacement running it; return stats().lost."""
-    directory = tempfile.mkdtemp(prefix="lp-")
-    gate = Gate(os.path.join(directory, "gate"))
-    await gate.serve()
-    pool = looppool.Pool(
-        functools.partial(Fragile, gate),
-        size=2,
-        start_method=start_method,  # type: ignore[arg-type]
-        loop=loop_kind,  # type: ignore[arg-type]
-    )
-    try:
+    async with _served_gate() as gate:
+        pool = looppool.Pool(
+            functools.partial(Fragile, gate),
+            size=2,
+            start_method=start_method,  # type: ignore[arg-type]
+            loop=loop_kind,  # type: ignore[arg-type]
+        )
         async with pool:
             results = pool.results()
             pid = await pool.submit("pid", worker=1)
@@ -559,9 +570,6 @@ async def _lose_after_one_death(start_method: str, loop_kind: str) -> int:
             gate.open()
             await drained
             return lost
-    finally:
-        await gate.close()
-        shutil.rmtree(directory)
 
 
 class _OnLog(logging.Handler):
@@ -581,49 +589,45 @@ async def test_barrier_message_that_died_in_two_workers_is_lost(
     start_method: str, loop_kind: str
 ) -> None:
     """distribution='barrier': a message running in two workers that both died fails."""
-    directory = tempfile.mkdtemp(prefix="lp-")
-    gate = Gate(os.path.join(directory, "gate"))
-    await gate.serve()
-    restarting = asyncio.Event()
-    handler = _OnLog("restarting every worker", restarting.set)
-    logging.getLogger("looppool").addHandler(handler)
-    pool = looppool.Pool(
-        functools.partial(Holder, gate),
-        size=2,
-        start_method=start_method,  # type: ignore[arg-type]
-        loop=loop_kind,  # type: ignore[arg-type]
-        distribution="barrier",
-    )
-    try:
-        async with pool:
-            results = pool.results()
-            first = asyncio.ensure_future(pool.submit(("hold", 1)))
-            second = asyncio.ensure_future(pool.submit(("hold", 2)))
-            holders = {}
-            for _ in range(2):
-                _, tag, pid = await anext(results)
-                holders[tag] = pid
-            os.kill(holders[1], signal.SIGKILL)  # every worker restarts ...
-            await restarting.wait()  # ... the survivor, still running message 2, is stopping
-            os.kill(holders[2], signal.SIGKILL)  # message 2 dies with it: once
-            again = {}
-            for _ in range(2):  # the new generation runs both again
-                _, tag, pid = await anext(results)
-                again[tag] = pid
-            restarting.clear()
-            os.kill(again[2], signal.SIGKILL)  # message 2 dies with its worker: twice
-            await restarting.wait()  # the pool has decided the fate of message 2
-            lost = pool.stats().lost
-            gate.open()
-            assert await first == 1
-            await asyncio.gather(second, return_exceptions=True)
-        assert lost == 1, "message 2 is sent a third time after dying in two workers"
-        with pytest.raises(looppool.WorkerLost):
-            second.result()
-    finally:
-        logging.getLogger("looppool").removeHandler(handler)
-        await gate.close()
-        shutil.rmtree(directory)
+    async with _served_gate() as gate:
+        restarting = asyncio.Event()
+        handler = _OnLog("restarting every worker", restarting.set)
+        logging.getLogger("looppool").addHandler(handler)
+        pool = looppool.Pool(
+            functools.partial(Holder, gate),
+            size=2,
+            start_method=start_method,  # type: ignore[arg-type]
+            loop=loop_kind,  # type: ignore[arg-type]
+            distribution="barrier",
+        )
+        try:
+            async with pool:
+                results = pool.results()
+                first = asyncio.ensure_future(pool.submit(("hold", 1)))
+                second = asyncio.ensure_future(pool.submit(("hold", 2)))
+                holders = {}
+                for _ in range(2):
+                    _, tag, pid = await anext(results)
+                    holders[tag] = pid
+                os.kill(holders[1], signal.SIGKILL)  # every worker restarts ...
+                await restarting.wait()  # ... the survivor, still running message 2, is stopping
+                os.kill(holders[2], signal.SIGKILL)  # message 2 dies with it: once
+                again = {}
+                for _ in range(2):  # the new generation runs both again
+                    _, tag, pid = await anext(results)
+                    again[tag] = pid
+                restarting.clear()
+                os.kill(again[2], signal.SIGKILL)  # message 2 dies with its worker: twice
+                await restarting.wait()  # the pool has decided the fate of message 2
+                lost = pool.stats().lost
+                gate.open()
+                assert await first == 1
+                await asyncio.gather(second, return_exceptions=True)
+            assert lost == 1, "message 2 is sent a third time after dying in two workers"
+            with pytest.raises(looppool.WorkerLost):
+                second.result()
+        finally:
+            logging.getLogger("looppool").removeHandler(handler)
 
 
 def _fd_target(fd: str) -> str:
@@ -634,18 +638,15 @@ def _fd_target(fd: str) -> str:
 
 
 async def _restart_with_a_backlog(start_method: str, loop_kind: str) -> None:
-    directory = tempfile.mkdtemp(prefix="lp-")
-    gate = Gate(os.path.join(directory, "gate"))
-    await gate.serve()
-    pool = looppool.Pool(
-        functools.partial(Holder, gate),
-        size=2,
-        start_method=start_method,  # type: ignore[arg-type]
-        loop=loop_kind,  # type: ignore[arg-type]
-        distribution="barrier",
-        concurrency=1,  # a worker holding a message takes no other from the shared queue
-    )
-    try:
+    async with _served_gate() as gate:
+        pool = looppool.Pool(
+            functools.partial(Holder, gate),
+            size=2,
+            start_method=start_method,  # type: ignore[arg-type]
+            loop=loop_kind,  # type: ignore[arg-type]
+            distribution="barrier",
+            concurrency=1,  # a worker holding a message takes no other from the shared queue
+        )
         async with pool:
             results = pool.results()
             await pool.put(("hold", 1))
@@ -659,9 +660,6 @@ async def _restart_with_a_backlog(start_method: str, loop_kind: str) -> None:
             gate.open()
             await pool.drain()
             assert pool.stats().processed == 402
-    finally:
-        await gate.close()
-        shutil.rmtree(directory)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds in /proc")
