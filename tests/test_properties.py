@@ -51,41 +51,19 @@ from hypothesis.stateful import (
 
 import looppool
 from pool_workers import Fragile, Gate
+from processes import LOOP_KIND, descendants, loop_factory
 from property_workers import Holder, Recorder
 
 T = TypeVar("T")
 
-LOOP_KIND = os.environ.get("LOOPPOOL_TEST_LOOP", "asyncio")
 SIZE = 2
 STEP_DEADLINE = 30.0  # seconds; generous, as the machine is shared: a hang, not noise
 MAX_DELIVERIES = 2  # a SafeWorker copy runs at most twice: once, and once after a death
-_HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
 
 kinds = st.sampled_from(["ok", "ok", "ok", "fail"])
 delays = st.sampled_from([0.0, 0.0, 0.001, 0.005, 0.02])
 items = st.lists(st.tuples(kinds, delays), min_size=1, max_size=12)
 workers = st.none() | st.integers(0, SIZE - 1)
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    if LOOP_KIND == "uvloop":
-        import uvloop
-
-        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-        return factory
-    return asyncio.new_event_loop
-
-
-def _children() -> set[int]:
-    found = set()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            cmdline = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if not any(helper in cmdline for helper in _HELPERS):
-            found.add(proc.pid)
-    return found
 
 
 @dataclass
@@ -104,8 +82,8 @@ class PoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.start_method = start_method
         self.distribution = distribution
-        self.runner = asyncio.Runner(loop_factory=_loop_factory())
-        self.children_before = _children()
+        self.runner = asyncio.Runner(loop_factory=loop_factory())
+        self.children_before = set(descendants())
         self.pool: looppool.Pool | None = None
         self.results: Any = None
         self.max_pending = 0
@@ -465,7 +443,7 @@ class PoolMachine(RuleBasedStateMachine):
             assert s.respawns % SIZE == 0, s
             assert s.respawns <= SIZE * self.kills, s
         assert pool.pids == (None,) * SIZE
-        left = _children() - self.children_before
+        left = set(descendants()) - self.children_before
         assert not left, f"stop() returned with child processes alive: {left}"
 
     def teardown(self) -> None:
@@ -520,6 +498,18 @@ async def _served_gate() -> AsyncIterator[Gate]:
     finally:
         await gate.close()
         shutil.rmtree(directory)
+
+
+def _barrier_pool(gate: Gate, start_method: str, loop_kind: str, **options: Any) -> looppool.Pool:
+    """A 2-worker barrier-mode pool of Holders waiting at ``gate``."""
+    return looppool.Pool(
+        functools.partial(Holder, gate),
+        size=2,
+        start_method=start_method,  # type: ignore[arg-type]
+        loop=loop_kind,  # type: ignore[arg-type]
+        distribution="barrier",
+        **options,
+    )
 
 
 # -- a finding of the machine above, reduced to a deterministic test -------------------
@@ -593,13 +583,7 @@ async def test_barrier_message_that_died_in_two_workers_is_lost(
         restarting = asyncio.Event()
         handler = _OnLog("restarting every worker", restarting.set)
         logging.getLogger("looppool").addHandler(handler)
-        pool = looppool.Pool(
-            functools.partial(Holder, gate),
-            size=2,
-            start_method=start_method,  # type: ignore[arg-type]
-            loop=loop_kind,  # type: ignore[arg-type]
-            distribution="barrier",
-        )
+        pool = _barrier_pool(gate, start_method, loop_kind)
         try:
             async with pool:
                 results = pool.results()
@@ -639,14 +623,8 @@ def _fd_target(fd: str) -> str:
 
 async def _restart_with_a_backlog(start_method: str, loop_kind: str) -> None:
     async with _served_gate() as gate:
-        pool = looppool.Pool(
-            functools.partial(Holder, gate),
-            size=2,
-            start_method=start_method,  # type: ignore[arg-type]
-            loop=loop_kind,  # type: ignore[arg-type]
-            distribution="barrier",
-            concurrency=1,  # a worker holding a message takes no other from the shared queue
-        )
+        # concurrency=1: a worker holding a message takes no other from the shared queue.
+        pool = _barrier_pool(gate, start_method, loop_kind, concurrency=1)
         async with pool:
             results = pool.results()
             await pool.put(("hold", 1))
