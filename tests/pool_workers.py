@@ -286,6 +286,13 @@ class FragileWorker(Fragile, looppool.Worker):
     safe = False
 
 
+class FailsEverywhere(looppool.SafeWorker):
+    """initialise() raises in every worker."""
+
+    def initialise(self) -> None:
+        raise RuntimeError(f"worker {self.number} cannot start")
+
+
 class DiesInInit(looppool.SafeWorker):
     """Exits abruptly inside initialise()."""
 

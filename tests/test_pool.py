@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import multiprocessing
 import os
@@ -406,6 +407,22 @@ async def test_initialise_failure_raises_worker_start_error_and_leaves_no_proces
     assert all(pid is None for pid in pool.pids)
     with pytest.raises(looppool.PoolClosed):
         pool.put_nowait(1)
+
+
+async def test_failed_start_leaves_no_unretrieved_worker_error(make: Any) -> None:
+    """Every worker failing at start: start() raises one error; none is left unretrieved."""
+    unretrieved: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context["message"]))
+    try:
+        pool = make(w.FailsEverywhere, size=3)
+        with pytest.raises(looppool.WorkerStartError):
+            await pool.start()
+        del pool
+        gc.collect()  # an unretrieved future's exception is reported when it is collected
+    finally:
+        loop.set_exception_handler(None)
+    assert unretrieved == []
 
 
 async def test_factory_returning_a_non_worker_fails_start(make: Any) -> None:

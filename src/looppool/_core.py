@@ -281,6 +281,12 @@ class PoolCore(Generic[S]):
                 # first (a race with fast workers): the start still failed.
                 raise PoolClosed("stop() was called while the pool was starting")
         except BaseException as exc:
+            for slot in self._slots:
+                if slot.ready is not None and not slot.ready.done():
+                    # Nobody awaits these any more (start() was cancelled, or
+                    # another worker failed): a worker killed below must not
+                    # leave an error nobody retrieves.
+                    slot.ready.cancel()
             await self._kill_all()
             self._finish()
             if self._stop_begun and isinstance(exc, WorkerStartError):
@@ -296,12 +302,12 @@ class PoolCore(Generic[S]):
         pending: set[asyncio.Future[None]] = set(futures)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-            for fut in done:
-                error = fut.exception()
-                if error is not None:
-                    for other in pending:
-                        other.cancel()
-                    raise error
+            # Retrieve every error, not just the first: several workers may
+            # fail in one loop turn, and an error never retrieved is reported
+            # as "Future exception was never retrieved" when collected.
+            errors = [error for fut in done if (error := fut.exception()) is not None]
+            if errors:
+                raise errors[0]  # start() cancels the others
 
     async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Stop the pool as its worker class defines; idempotent.
