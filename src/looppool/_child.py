@@ -238,7 +238,10 @@ class _Runtime:
     def __init__(self, cfg: ChildConfig, outbox: Outbox) -> None:
         self.cfg = cfg
         self.out = outbox
-        self.runner = MessageRunner(cfg.factory, cfg.number, outbox.add, self._release_slot)
+        # Only barrier mode counts slots of the shared listener; rounds mode
+        # skips the call for every message.
+        release = self._release_slot if cfg.shared_queue is not None else None
+        self.runner = MessageRunner(cfg.factory, cfg.number, outbox.add, release)
         self.loop: asyncio.AbstractEventLoop
         self.stop_requested: asyncio.Future[bool]
         # Barrier mode: the listener takes a message only when a slot is free.
@@ -312,19 +315,14 @@ class _Runtime:
 
     def _on_channel_readable(self, fd: int) -> None:
         """Run what the parent sent: one or more frames, each a batch of messages."""
-        try:
-            data = os.read(fd, P.READ_SIZE)
-        except BlockingIOError:
-            return  # a spurious wake-up
-        except OSError:
-            data = b""
-        if not data:
+        frames = self.decoder.read(fd)
+        if frames is None:
             # The parent closed the channel without a STOP: it is gone or
             # giving up on us. Stop like a Worker.
             self.loop.remove_reader(fd)
             self._on_items([(P.OP_STOP, True)])
             return
-        for items in self.decoder.feed(data):
+        for items in frames:
             self._on_items(items)
             if items[-1][0] == P.OP_STOP:
                 self.loop.remove_reader(fd)

@@ -113,8 +113,7 @@ class SharedQueue:
 
     def put(self, mid: int, want_reply: bool, payload: bytes) -> None:
         """Queue one message (already pickled by the caller)."""
-        body = pickle.dumps((mid, want_reply, payload), P.PROTOCOL)
-        self._writer.write(P.HEADER.pack(len(body)) + body)
+        self._writer.write(P.encode((mid, want_reply, payload)))
 
     def close(self) -> None:
         """End this queue: what was not written is dropped; both parent ends are closed."""

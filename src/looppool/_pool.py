@@ -75,7 +75,6 @@ class _ProcSlot(Slot):
         self.exit_fd = -1
         self.pidfd = -1
         self.decoder = P.FrameDecoder()
-        self.exitcode: int | None = None
 
 
 class Pool(PoolCore[_ProcSlot]):
@@ -241,7 +240,6 @@ class Pool(PoolCore[_ProcSlot]):
         slot.start_error = None
         slot.said_bye = False
         slot.killed = False
-        slot.exitcode = None
         slot.exited = self._loop.create_future()
         slot.exit_fd = self._exit_fd(slot, process)
         self._loop.add_reader(slot.rfd, self._on_readable, slot)
@@ -267,7 +265,7 @@ class Pool(PoolCore[_ProcSlot]):
         self._loop.remove_reader(slot.exit_fd)
         self._read_rest(slot)
         slot.process.join()
-        exitcode = slot.exitcode = slot.process.exitcode
+        exitcode = slot.process.exitcode
         # Release its sentinel fd now rather than whenever the Process object
         # is collected: a pool that restarts workers for weeks must not
         # accumulate fds.
@@ -327,20 +325,15 @@ class Pool(PoolCore[_ProcSlot]):
         return slot.writer is not None and slot.writer.write(data)
 
     def _on_readable(self, slot: _ProcSlot) -> None:
-        try:
-            data = os.read(slot.rfd, P.READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
+        frames = slot.decoder.read(slot.rfd)
+        if frames is None:
             # End of file: the worker closed its end (it is exiting). Stop
             # watching, or the loop would call us for ever; the process
             # sentinel does the rest.
             assert self._loop is not None
             self._loop.remove_reader(slot.rfd)
             return
-        for frame in slot.decoder.feed(data):
+        for frame in frames:
             self._dispatch(slot, frame)
 
     def _read_rest(self, slot: _ProcSlot) -> None:
@@ -348,9 +341,12 @@ class Pool(PoolCore[_ProcSlot]):
         if slot.rfd < 0:
             return
         while True:
+            # Not decoder.read(): it cannot tell an empty pipe from a read
+            # that ended inside a frame, and here the rest of a big frame may
+            # still be waiting in the pipe.
             try:
                 data = os.read(slot.rfd, P.READ_SIZE)
-            except (BlockingIOError, OSError):
+            except OSError:  # BlockingIOError included: the pipe is empty
                 return
             if not data:
                 return

@@ -49,8 +49,8 @@ PIPE_SIZE: Final = 1 << 20
 READ_SIZE: Final = 1 << 16
 
 
-def encode(items: list[tuple[Any, ...]]) -> bytes:
-    """Pickle a list of items into one length-prefixed frame."""
+def encode(items: Any) -> bytes:
+    """Pickle ``items`` (a list of tuples between the pool's processes) into one frame."""
     body = pickle.dumps(items, PROTOCOL)
     return HEADER.pack(len(body)) + body
 
@@ -112,7 +112,17 @@ class FrameDecoder:
             del buf[:start]
         return frames
 
-    @property
-    def partial(self) -> int:
-        """Bytes of an incomplete frame held (a worker that died mid-write leaves some)."""
-        return len(self._buf)
+    def read(self, fd: int) -> list[list[tuple[Any, ...]]] | None:
+        """Read what a non-blocking ``fd`` holds; the frames now complete, or None at its end.
+
+        ``[]`` when nothing (or only part of a frame) was there; a read error
+        counts as the end: the writer is gone, and how it went is learnt
+        elsewhere (the process sentinel, the channel's STOP).
+        """
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return []
+        except OSError:
+            return None
+        return self.feed(data) if data else None

@@ -91,8 +91,6 @@ from ._worker import Worker
 
 __all__ = ["RESERVED_OPTIONS", "RayPool"]
 
-logger = logging.getLogger("looppool")
-worker_logger = logging.getLogger("looppool.worker")
 
 #: Actor calls that may run beside the deliveries: ``start``, ``next_events``, ``stop``.
 CONTROL_CALLS: Final = 3
