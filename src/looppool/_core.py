@@ -369,11 +369,7 @@ class PoolCore(Generic[S]):
             self._closing_reason = "the pool stopped before the message was processed"
             self._drop_queued()
         self._accepting_respawns = False
-        cancel = not self._safe
-        for slot in self._slots:
-            if slot.alive and slot.state is not SlotState.STOPPING:
-                slot.state = SlotState.STOPPING
-                self._send_stop(slot, cancel)
+        self._tell_all_to_stop()
         exits = [s.exited for s in self._slots if s.exited is not None and not s.exited.done()]
         if exits:
             await asyncio.wait(exits)
@@ -389,14 +385,7 @@ class PoolCore(Generic[S]):
         self._state = State.STOPPED
         self._accepting_respawns = False
         self._release()
-        exc = PoolClosed(self._closing_reason)
-        for slot in self._slots:
-            for msg in [*slot.held.values(), *slot.queue]:
-                self._lose(msg, exc)
-            slot.held.clear()
-            slot.queue.clear()
-        self._lose_unassigned(exc)
-        self._wake_all_room_waiters()
+        self._lose_all(PoolClosed(self._closing_reason))
         for waiters in (self._drain_waiters, self._delivered_waiters):
             while waiters:
                 fut = waiters.popleft()[1]
@@ -411,10 +400,7 @@ class PoolCore(Generic[S]):
     async def _kill_all(self) -> None:
         # No replacement may start for a worker we are killing on purpose.
         self._accepting_respawns = False
-        for slot in self._slots:
-            if slot.alive:
-                slot.killed = True
-                self._kill(slot)
+        self._kill_alive()
         exits = [s.exited for s in self._slots if s.exited is not None and not s.exited.done()]
         if exits:
             # Shielded: a killed worker is reported within moments; waiting
@@ -942,17 +928,33 @@ class PoolCore(Generic[S]):
         self._accepting_respawns = False
         if self._state is State.RUNNING:
             self._state = State.STOPPING
+        self._lose_all(self._broken)
+        self._kill_alive()
+
+    def _lose_all(self, exc: LooppoolError) -> None:
+        """Fail every message not finished, wherever it waits; free their room."""
         for slot in self._slots:
             for msg in [*slot.held.values(), *slot.queue]:
-                self._lose(msg, self._broken)
+                self._lose(msg, exc)
             slot.held.clear()
             slot.queue.clear()
-        self._lose_unassigned(self._broken)
+        self._lose_unassigned(exc)
         self._wake_all_room_waiters()
+
+    def _kill_alive(self) -> None:
+        """Kill every live worker, marked as killed on purpose (not replaced, not logged)."""
         for slot in self._slots:
             if slot.alive:
                 slot.killed = True
                 self._kill(slot)
+
+    def _tell_all_to_stop(self) -> None:
+        """Send STOP to every live worker not told yet: finish (SafeWorker) or cancel (Worker)."""
+        cancel = not self._safe
+        for slot in self._slots:
+            if slot.alive and slot.state is not SlotState.STOPPING:
+                slot.state = SlotState.STOPPING
+                self._send_stop(slot, cancel)
 
     # -- what a kind of pool provides -------------------------------------------
 

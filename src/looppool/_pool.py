@@ -441,11 +441,7 @@ class Pool(PoolCore[_ProcSlot]):
             "pool %s: restarting every worker (distribution='barrier' cannot replace one)",
             self.name,
         )
-        cancel = not self._safe
-        for slot in self._slots:
-            if slot.alive and slot.state is not SlotState.STOPPING:
-                slot.state = SlotState.STOPPING
-                self._send_stop(slot, cancel)
+        self._tell_all_to_stop()
 
     def _maybe_finish_generation(self) -> None:
         """Once the old generation has exited, start a new one and send again what it left."""
