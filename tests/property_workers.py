@@ -17,13 +17,17 @@ class Recorder(looppool.SafeWorker):
     while the worker holds it. Every message puts exactly one result,
     ``(key, number, pid)``, in the same loop step as its acknowledgement, so the
     parent receives both or neither. ``kind == "fail"`` raises after putting
-    its result. The reply is ``("done", key, number, pid)``.
+    its result. ``kind == "die"`` is a poison message: after its delay it
+    ends the worker process (``os._exit``) wherever it runs, putting nothing.
+    The reply is ``("done", key, number, pid)``.
     """
 
     async def process_message(self, message: tuple[Any, str, float]) -> Any:
         key, kind, delay = message
         if delay:
             await asyncio.sleep(delay)
+        if kind == "die":
+            os._exit(9)
         pid = os.getpid()
         self.put_result((key, self.number, pid))
         if kind == "fail":

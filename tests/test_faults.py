@@ -565,6 +565,40 @@ class Bench:
         assert pool.stats() == before
         assert await self.probe() == []
 
+    async def run_poison(self, kind: str) -> None:
+        """A message that kills every worker it reaches, among neighbours: it alone fails.
+
+        In a ``SafeWorker`` pool its neighbours run again (those that shared a dying worker)
+        and succeed; in a ``Worker`` pool those that shared its worker die with it.
+        """
+        pool = self.pool
+        before, mark = pool.stats(), len(self.caplog.records)
+        poison = ("inject", fw.Fault(kind), "async")  # no token: it fires in every worker
+        tags = [f"neighbour {i}" for i in range(4 * SIZE)]
+        middle = 2 * SIZE
+        sends = [pool.submit(("echo", tag)) for tag in tags]
+        sends.insert(middle, pool.submit(poison))
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        failed = outcomes.pop(middle)
+        assert isinstance(failed, looppool.WorkerLost), f"the poison message gave {failed!r}"
+        assert failed.exitcode == fw.EXIT_CODES[kind]
+        lost = pool.stats().lost - before.lost
+        if self.safe:
+            assert outcomes == tags, "a neighbour of the poison message failed"
+            assert lost == 1
+        else:
+            lost_neighbours = [o for o in outcomes if isinstance(o, looppool.WorkerLost)]
+            assert all(
+                o == t for o, t in zip(outcomes, tags, strict=True) if o not in lost_neighbours
+            )
+            assert lost == 1 + len(lost_neighbours)
+        self.assert_logged(mark, "died", describe_exit(fw.EXIT_CODES[kind]))
+        results = await self.probe()
+        if self.safe:
+            assert set(results) == set(tags), "a neighbour's result is missing"
+        else:
+            assert set(results) <= set(tags)
+
     async def run_replacement_fails_to_start(self, kind: str, token: Path) -> None:
         """A worker dies; its replacement's initialise() fails once; the one after serves."""
         pool = self.pool
@@ -648,6 +682,9 @@ async def test_fault_catalogue(
         for case in catalogue(method, worker_class, distribution, exhaustive):
             async with deadline(case, pool):
                 await bench.run(case)
+        poison = ("exit", *fw.CRASHES)[index % 4]
+        async with deadline(f"a poison message ({poison}) among neighbours", pool):
+            await bench.run_poison(poison)
         # Only the failed start depends on the start method, and the start tests cover it.
         if method == "fork" or exhaustive:
             what = f"{replacement_fault} while initialising a replacement worker"
@@ -856,11 +893,17 @@ async def test_exit_in_one_message_does_not_pass_the_others_off_as_stopped(
             assert await anext(results) == (0, "holding")
             token = tmp_path / "exit"
             arm(token)
-            dying = pool.submit(("inject", fw.Fault("exit", token=str(token)), "async"))
+            dying = asyncio.ensure_future(
+                pool.submit(("inject", fw.Fault("exit", token=str(token)), "async"))
+            )
             if safe:
-                assert await dying == fw.SURVIVED  # delivered again, its fault spent
+                # Neither was alone when the worker died, so neither is
+                # charged: each runs again, alone, on the replacement, the
+                # older first (see Pool's poison-message rule).
+                assert await anext(results) == (0, "holding")  # held runs again
                 gate.open()
-                assert await held == "held"  # delivered again too
+                assert await held == "held"
+                assert await dying == fw.SURVIVED  # delivered again, its fault spent
             else:
                 with pytest.raises(looppool.WorkerLost):
                     await dying

@@ -43,7 +43,10 @@ logger = logging.getLogger("looppool")
 
 DEFAULT_CONCURRENCY: Final = 1000
 DEFAULT_MAX_PENDING: Final = 10_000
-MAX_DELIVERIES: Final = 2  # a SafeWorker message is delivered again once after a death
+# A SafeWorker message that was running alone in a worker when that worker
+# died has a *strike*; at this many strikes it is a poison message, failed
+# with WorkerLost rather than sent again.
+MAX_STRIKES: Final = 2
 MAX_START_FAILURES: Final = 3  # consecutive failed replacements of one worker before giving up
 RESPAWN_BACKOFF: Final = 0.1  # seconds, doubled per consecutive failure
 
@@ -58,7 +61,7 @@ class PoolStats:
     every accepted message ends as exactly one of ``processed``, ``failed``
     (its handler raised) or ``lost`` (its worker died, or the pool stopped
     before running it), or is still ``pending``. ``redelivered`` counts
-    second deliveries after a ``SafeWorker`` died, ``respawns`` the
+    deliveries after a ``SafeWorker`` died, ``respawns`` the
     replacement workers started, ``blocked`` the blocked-loop episodes
     reported, and ``in_flight`` the messages each worker holds now.
     """
@@ -97,7 +100,7 @@ class SlotState(enum.Enum):
 class Msg:
     """One accepted message, until it is processed, failed or lost."""
 
-    __slots__ = ("deliveries", "epoch", "future", "id", "payload", "target")
+    __slots__ = ("epoch", "future", "id", "payload", "strikes", "target")
 
     def __init__(
         self,
@@ -112,7 +115,8 @@ class Msg:
         self.target = target
         self.future = future
         self.epoch = epoch
-        self.deliveries = 0
+        # Deaths of a worker in which this message was the only one it held.
+        self.strikes = 0
 
 
 class Slot:
@@ -124,6 +128,13 @@ class Slot:
         self.pid: int | None = None
         self.queue: deque[Msg] = deque()
         self.held: dict[int, Msg] = {}
+        # Groups of messages that a dead worker of this number held, each to
+        # be run alone on a worker of this number (its replacement) before it
+        # takes anything else: a death while a group runs alone is charged to
+        # that group only. See _quarantine.
+        self.suspects: deque[list[Msg]] = deque()
+        # A suspect group is in flight: nothing joins it until it is done.
+        self.isolating = False
         self.ready: asyncio.Future[None] | None = None
         self.exited: asyncio.Future[Any] | None = None
         self.start_error: tuple[str, str] | None = None
@@ -134,6 +145,11 @@ class Slot:
     @property
     def alive(self) -> bool:
         return self.state is not SlotState.DEAD
+
+    @property
+    def dealable(self) -> bool:
+        """Whether fair rounds deal to it now: ready, and not isolating suspects."""
+        return self.state is SlotState.READY and not (self.isolating or self.suspects)
 
 
 S = TypeVar("S", bound=Slot)
@@ -555,17 +571,20 @@ class PoolCore(Generic[S]):
 
     def _next_in_round(self) -> int:
         """Fair rounds: each round deals one message to every live worker, in order."""
+        slots = self._slots
         while True:
             if not self._round:
                 self._deal_round()
             number = self._round.popleft()
-            if self._slots[number].state is SlotState.READY or not any(
-                self._slots[n].state is SlotState.READY for n in self._round
-            ):
+            if slots[number].dealable or not any(slots[n].dealable for n in self._round):
                 return number
 
     def _deal_round(self) -> None:
-        ready = [s.number for s in self._slots if s.state is SlotState.READY]
+        # A worker running a suspect group alone is skipped, as one being
+        # replaced is: what was dealt to it would wait for the whole group.
+        ready = [s.number for s in self._slots if s.dealable]
+        if not ready:
+            ready = [s.number for s in self._slots if s.state is SlotState.READY]
         if not ready:
             # Every worker is being replaced: deal to those starting; their
             # messages wait in the parent until they are ready.
@@ -580,7 +599,7 @@ class PoolCore(Generic[S]):
             self._mark_dirty(slot)
 
     def _mark_dirty(self, slot: S) -> None:
-        if slot.queue and slot.state is SlotState.READY:
+        if (slot.queue or slot.suspects) and slot.state is SlotState.READY:
             self._dirty[slot] = None
             if not self._pump_scheduled:
                 self._pump_scheduled = True
@@ -593,18 +612,21 @@ class PoolCore(Generic[S]):
         dirty, self._dirty = self._dirty, {}
         window = self._concurrency
         for slot in dirty:
-            if slot.state is not SlotState.READY:
-                continue
+            if slot.state is not SlotState.READY or slot.isolating:
+                continue  # a suspect group runs alone: nothing joins it
             queue, held = slot.queue, slot.held
-            room = min(window - len(held), len(queue))
-            if room <= 0:
-                continue
-            batch: list[Msg] = []
-            for _ in range(room):
-                msg = queue.popleft()
-                msg.deliveries += 1
+            if slot.suspects:
+                if held:
+                    continue  # it runs alone: wait until this worker holds nothing
+                batch = slot.suspects.popleft()
+                slot.isolating = True
+            else:
+                room = min(window - len(held), len(queue))
+                if room <= 0:
+                    continue
+                batch = [queue.popleft() for _ in range(room)]
+            for msg in batch:
                 held[msg.id] = msg
-                batch.append(msg)
             self._send(slot, batch)
 
     def _drop_queued(self) -> None:
@@ -613,6 +635,27 @@ class PoolCore(Generic[S]):
         for slot in self._slots:
             while slot.queue:
                 self._lose(slot.queue.popleft(), exc)
+            self._lose_suspects(slot, exc)
+
+    def _lose_suspects(self, slot: S, exc: LooppoolError) -> None:
+        while slot.suspects:
+            for msg in slot.suspects.popleft():
+                self._lose(msg, exc)
+
+    def _unsend(self, slot: S, batch: list[Msg]) -> None:
+        """A batch provably never reached the slot's worker (it was gone): not a delivery.
+
+        Its messages go back to the head of the queue, or of the suspects if
+        it was a suspect group, so that the dead worker's rescue neither
+        charges them with its death nor loses their order.
+        """
+        for msg in batch:
+            slot.held.pop(msg.id, None)
+        if slot.isolating:
+            slot.isolating = False
+            slot.suspects.appendleft(batch)
+        else:
+            slot.queue.extendleft(reversed(batch))
 
     # -- receiving ------------------------------------------------------------
 
@@ -675,8 +718,12 @@ class PoolCore(Generic[S]):
             if future is not None and not future.done():
                 future.set_exception(PoolClosed("the pool stopped while the message was running"))
         self._complete(msg)
-        if slot.queue:
-            self._mark_dirty(slot)
+        if slot.isolating and not slot.held:
+            # The group ran alone and ended: its members were innocent.
+            slot.isolating = False
+            if not any(s.suspects or s.isolating for s in self._slots):
+                self._isolation_over()
+        self._mark_dirty(slot)
 
     def _complete(self, msg: Msg) -> None:
         self._pending -= 1
@@ -851,14 +898,19 @@ class PoolCore(Generic[S]):
         """Decide the fate of the messages a dead worker held or had queued."""
         held = sorted(slot.held.values(), key=lambda m: m.id)
         slot.held.clear()
-        keep: deque[Msg] = deque()  # directed to this number: wait for its replacement
-        again: list[Msg] = []  # shared: deal to another worker
-        for msg in held:
-            if self._safe and msg.deliveries < MAX_DELIVERIES and self._accepting_respawns:
-                self._n_redelivered += 1
-                (keep.append if msg.target is not None else again.append)(msg)
-            else:
+        slot.isolating = False
+        if self._safe and self._accepting_respawns:
+            self._quarantine(slot, held, lost)
+        else:
+            for msg in held:
                 self._lose(msg, lost)
+        if not self._accepting_respawns:
+            self._lose_suspects(slot, lost)
+        # What it had not been sent yet played no part in its death: a
+        # directed message waits for the replacement, a shared one is dealt
+        # to another worker at once.
+        keep: deque[Msg] = deque()
+        again: list[Msg] = []
         for msg in slot.queue:
             (keep.append if msg.target is not None else again.append)(msg)
         slot.queue = keep
@@ -879,6 +931,36 @@ class PoolCore(Generic[S]):
                 continue
             self._redeal_turn = (self._redeal_turn + 1) % len(others)
             self._enqueue(others[self._redeal_turn], msg)
+
+    def _quarantine(self, slot: S, held: list[Msg], lost: WorkerLost) -> None:
+        """Charge a SafeWorker's death only to the messages that could have caused it.
+
+        A worker that dies holding several messages says nothing about which
+        one killed it, so none is charged: they become *suspects*, split in
+        two groups, and each group runs alone on the replacement (nothing else
+        joins a worker while a group runs there). A group that dies is split
+        again; one that ends was innocent. A message that was the only one
+        its worker held when it died gets a strike, and at ``MAX_STRIKES`` it
+        is a poison message, failed with ``lost``. So a poison message among
+        ``k`` neighbours costs about ``log2(k) + 2`` worker deaths, and every
+        neighbour is run again until it finishes: at least once, never lost.
+        """
+        if not held:
+            return
+        if len(held) == 1:
+            msg = held[0]
+            msg.strikes += 1
+            if msg.strikes >= MAX_STRIKES:
+                self._lose(msg, lost)
+                return
+            groups = [held]
+        else:
+            half = len(held) // 2
+            groups = [held[:half], held[half:]]
+        self._n_redelivered += len(held)
+        # Ahead of older suspects of this number: bisecting one death's
+        # suspects to the end finds a culprit in the fewest deaths.
+        slot.suspects.extendleft(reversed(groups))
 
     def _requeue(self, slot: S, msg: Msg) -> None:
         """Send again a message that a stopping worker took but did not run."""
@@ -906,8 +988,10 @@ class PoolCore(Generic[S]):
     def _respawn(self, slot: S) -> None:
         if not self._accepting_respawns:
             slot.state = SlotState.DEAD
+            closed = PoolClosed(self._closing_reason)
             while slot.queue:
-                self._lose(slot.queue.popleft(), PoolClosed(self._closing_reason))
+                self._lose(slot.queue.popleft(), closed)
+            self._lose_suspects(slot, closed)
             return
         self._n_respawns += 1
         try:
@@ -938,6 +1022,8 @@ class PoolCore(Generic[S]):
                 self._lose(msg, exc)
             slot.held.clear()
             slot.queue.clear()
+            slot.isolating = False
+            self._lose_suspects(slot, exc)
         self._lose_unassigned(exc)
         self._wake_all_room_waiters()
 
@@ -1006,6 +1092,9 @@ class PoolCore(Generic[S]):
 
     def _after_stopped_end(self) -> None:
         """A stopping worker ended (barrier mode: maybe start the next generation)."""
+
+    def _isolation_over(self) -> None:
+        """No suspect group is left to run alone (barrier mode: resume the shared queue)."""
 
 
 def check_int(name: str, value: object) -> None:

@@ -282,10 +282,8 @@ class Pool(PoolCore[_ProcSlot]):
         frame = P.encode([(P.OP_MSG, msg.id, msg.future is not None, msg.payload) for msg in batch])
         if not self._write(slot, frame):
             # The worker died before we noticed: these never reached it, so
-            # they must not count as a delivery (a SafeWorker message gets one
-            # more after a death, and this was not it).
-            for msg in batch:
-                msg.deliveries -= 1
+            # its death must not be charged to them.
+            self._unsend(slot, batch)
 
     def _send_stop(self, slot: _ProcSlot, cancel: bool) -> None:
         self._write(slot, P.encode([(P.OP_STOP, cancel)]))
@@ -383,14 +381,29 @@ class Pool(PoolCore[_ProcSlot]):
         if self._shared_queue is None:
             return False
         self._shared_out[msg.id] = msg
-        if not self._regenerating:
+        # While a generation restarts, or suspects of a death run alone on a
+        # worker (see _quarantine), nothing is written: a listener of the
+        # isolated worker would take it and join the group. The backlog is
+        # written when that ends.
+        if not self._regenerating and not self._isolating():
             self._shared_queue.put(msg.id, msg.future is not None, msg.payload)
         return True
+
+    def _isolating(self) -> bool:
+        return any(s.suspects or s.isolating for s in self._slots)
+
+    def _isolation_over(self) -> None:
+        if self._shared_queue is not None and not self._regenerating:
+            self._write_shared_backlog()
+
+    def _write_shared_backlog(self) -> None:
+        assert self._shared_queue is not None
+        for msg in sorted(self._shared_out.values(), key=lambda m: m.id):
+            self._shared_queue.put(msg.id, msg.future is not None, msg.payload)
 
     def _on_taken(self, slot: _ProcSlot, mid: int) -> None:
         msg = self._shared_out.pop(mid, None)
         if msg is not None:
-            msg.deliveries += 1
             slot.held[msg.id] = msg
 
     def _find_unassigned(self, mid: int) -> Msg | None:
@@ -405,9 +418,8 @@ class Pool(PoolCore[_ProcSlot]):
 
     def _resend_cancelled(self, slot: _ProcSlot, msg: Msg) -> bool:
         if self._regenerating and self._accepting_respawns:
-            # Cancelled by a generation restart, not by the user: send it
-            # again, and it does not count as a delivery (it did not finish).
-            msg.deliveries -= 1
+            # Cancelled by a generation restart, not by the user: it is sent
+            # again once this worker has said goodbye (see _on_worker_end).
             slot.held[msg.id] = msg
             return True
         return False
@@ -458,8 +470,8 @@ class Pool(PoolCore[_ProcSlot]):
         self._new_generation_objects()
         for slot in self._slots:
             self._respawn(slot)
-        for msg in sorted(self._shared_out.values(), key=lambda m: m.id):
-            self._share(msg)
+        if not self._isolating():
+            self._write_shared_backlog()
 
     def _close_shared_queue(self) -> None:
         # What it did not take is still in _shared_out: the next generation
