@@ -1,4 +1,4 @@
-"""Sessions: ``nox`` runs the default ones (tests on every Python and loop, lint, types)."""
+"""Sessions: ``nox`` runs the default ones (tests on every Python and loop, lint, types, docs)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import nox
 
 PYTHONS = ["3.11", "3.12", "3.13"]
 
-nox.options.sessions = ["tests", "lint", "types"]
+nox.options.sessions = ["tests", "lint", "types", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -80,3 +80,13 @@ def faults(session: nox.Session) -> None:
     """The full fault-injection catalogue (the default run has a sample of it)."""
     session.install("-e", ".[test]")
     session.run("pytest", "tests/test_faults.py", "-m", "slow", *session.posargs)
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """The documentation site: mkdocs build --strict (a broken link or reference fails)."""
+    session.install("-e", ".[docs]")
+    site = session.create_tmp() + "/site"  # not the source tree's build/site
+    # Material's notice about MkDocs 2.0 is not about this build.
+    env = {"NO_MKDOCS_2_WARNING": "1"}
+    session.run("mkdocs", "build", "--strict", "--site-dir", site, env=env)

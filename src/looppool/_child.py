@@ -15,11 +15,12 @@
     STOP → finish or cancel → finalise() → EV_BYE    parent watcher thread: pidfd →
                                                       os._exit when the parent dies
 
-The channel from the parent is read by the loop itself: DESIGN.md's
-task-listener thread cost a thread hand-over per frame (10-25 µs of latency
-per round trip, measured), and a pipe that only this process reads needs no
-thread blocking on it. A thread remains where something must block: the
-barrier, and the shared queue whose lock the readers take in turn.
+The channel from the parent is read by the loop itself: the first design's
+task-listener thread (docs/design.md) cost a thread hand-over per frame
+(10-25 µs of latency per round trip, measured), and a pipe that only this
+process reads needs no thread blocking on it. A thread remains where
+something must block: the barrier, and the shared queue whose lock the
+readers take in turn.
 
 The module stays light: a spawned worker imports it and the user's module only.
 """
