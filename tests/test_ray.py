@@ -577,6 +577,21 @@ async def test_message_that_kills_its_actor_twice_is_failed() -> None:
         assert (stats.respawns, stats.redelivered, stats.lost) == (2, 1, 1)
 
 
+async def test_poison_message_fails_alone_among_its_neighbours() -> None:
+    """Forty submits, one of them poison: only it fails; its neighbours run again and succeed."""
+    import poison_workers as pw
+
+    messages: list[Any] = list(range(40))
+    messages[17] = pw.POISON
+    async with RayPool(pw.AsyncPoisoned, 2, concurrency=8) as pool:
+        outcomes = await asyncio.gather(*(pool.submit(m) for m in messages), return_exceptions=True)
+    failed = [i for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
+    assert failed == [17]
+    assert isinstance(outcomes[17], looppool.WorkerLost)
+    assert [o for i, o in enumerate(outcomes) if i != 17] == [m for m in messages if m != pw.POISON]
+    assert (pool.stats().processed, pool.stats().lost) == (39, 1)
+
+
 async def test_crash_loop_breaks_the_pool_loudly(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

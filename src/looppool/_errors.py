@@ -77,8 +77,11 @@ class WorkerStartError(LooppoolError):
 class WorkerLost(LooppoolError):
     """The worker process that held the message died before finishing it.
 
+    In a :class:`~looppool.Worker` pool, every message the dead worker held
+    fails with it. In a :class:`~looppool.SafeWorker` pool only a poison
+    message does: one that was the only message in two workers that died.
     ``number``, ``pid`` and ``exitcode`` (negative: the signal that killed it)
-    name the process.
+    name the (last) process.
     """
 
     def __init__(self, number: int, pid: int | None, exitcode: int | None) -> None:

@@ -81,8 +81,9 @@ class SafeWorker(Worker):
 
     On ``Pool.stop()``, every message put before the stop is processed, and
     its results delivered, before the workers run :meth:`finalise` and exit.
-    If a ``SafeWorker`` process dies, the messages it held are delivered once
-    more, to a live worker.
+    If a ``SafeWorker`` process dies, the messages it held run again until
+    they finish (at least once); only a poison message, the only message in
+    two workers that died, fails with :class:`~looppool.WorkerLost`.
     """
 
     safe: ClassVar[bool] = True
