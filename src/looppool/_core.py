@@ -1,32 +1,40 @@
-"""The parent's bookkeeping, shared by :class:`~looppool.Pool` and ``RayPool``.
+"""The parent API and a pool's life, shared by ``Pool``, ``RayPool`` and ``InlinePool``.
 
-A pool keeps, per worker number, a *slot*: the messages dealt to it and not
-yet sent (``queue``), and those sent and not yet finished (``held``). Every
-accepted message ends as exactly one of processed, failed or lost, and the
-counters, ``drain()``, ``max_pending`` and ``submit()`` futures all follow from
-that one ledger. Everything here runs on the parent's event loop, so it needs
-no locks.
+::
 
-What differs between pools — how a worker is started, how a batch reaches it,
-how its death is learnt — is left to the subclass (the methods at the end).
+    put / submit / broadcast ──► pickle in the caller ──► Ledger.accept ─┐
+    drain() ◄── epochs, room ◄───────────────────────────── the ledger ◄─┤
+    results() / on_result ◄── ResultStream ◄──┐                           │
+                                              │      _pump: Ledger.take_batches
+    transport (a subclass): _launch, _send ───┼──────────────────────────►┘
+    _dispatch(events from a worker) ──────────┘ EV_DONE → Ledger.finish → settle the reply
+    supervision: a worker ended → Ledger.worker_died → fail the lost, replace the worker
+
+The ledger (``_ledger``) keeps the books and does no I/O; the result stream
+(``_results``) hands results out; the distribution (``_distribution``) is fair
+rounds or barrier mode. This module carries out what the ledger decides, runs
+the life cycle (start, stop, a broken pool) and replaces workers. What differs
+between pools — how a worker starts, how a batch reaches it, how its end is
+learnt — is the transport: the abstract methods at the end, each with its
+contract. Everything runs on the parent's event loop, so nothing needs a lock.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import enum
-import inspect
-import itertools
 import logging
 import pickle
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Generic, Self, TypeVar
 
 from . import _protocol as P
+from ._distribution import Distribution
 from ._errors import (
     LooppoolError,
     PoolBroken,
@@ -37,20 +45,26 @@ from ._errors import (
     WorkerLost,
     WorkerStartError,
 )
+from ._ledger import Ledger, Msg, NoWorkerLeft, Outcome, Slot, SlotState
+from ._results import ResultCallback, ResultStream
 from ._worker import Worker
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_MAX_PENDING",
+    "Phase",
+    "PoolCore",
+    "PoolStats",
+    "ResultCallback",
+    "WorkerSlot",
+]
 
 logger = logging.getLogger("looppool")
 
 DEFAULT_CONCURRENCY: Final = 1000
 DEFAULT_MAX_PENDING: Final = 10_000
-# A SafeWorker message that was running alone in a worker when that worker
-# died has a *strike*; at this many strikes it is a poison message, failed
-# with WorkerLost rather than sent again.
-MAX_STRIKES: Final = 2
 MAX_START_FAILURES: Final = 3  # consecutive failed replacements of one worker before giving up
 RESPAWN_BACKOFF: Final = 0.1  # seconds, doubled per consecutive failure
-
-ResultCallback = Callable[[Any], Awaitable[None] | None]
 
 
 @dataclass(frozen=True)
@@ -78,85 +92,53 @@ class PoolStats:
     in_flight: tuple[int, ...]
 
 
-class State(enum.Enum):
-    """A pool's life cycle."""
+class Phase(enum.Enum):
+    """A pool's life. Each phase says what the pool accepts.
+
+    ::
+
+        NEW ─► STARTING ─► RUNNING ─► DRAINING ─► STOPPING ─► STOPPED
+                  │           │  └──► BROKEN ──────┘ ▲          ▲
+                  └───────────┴─────────────────────┴──────────┘ (start failed, or cancelled)
+    """
 
     NEW = "new"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
+    STARTING = "starting"  # workers initialise; messages are refused
+    RUNNING = "running"  # messages accepted; dead workers replaced
+    BROKEN = "broken"  # a worker kept failing to start: everything failed; stop() still to come
+    DRAINING = "draining"  # stop(): SafeWorker runs what was put; no new messages; replacements on
+    STOPPING = "stopping"  # workers told to stop (or killed); nothing replaced
     STOPPED = "stopped"
 
 
-class SlotState(enum.Enum):
-    """The life cycle of the worker currently serving a slot."""
+class Farewell(enum.Enum):
+    """How the current worker of a slot is ending, if the pool knows."""
 
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"  # told to stop
-    DEAD = "dead"
-
-
-class Msg:
-    """One accepted message, until it is processed, failed or lost."""
-
-    __slots__ = ("epoch", "future", "id", "payload", "strikes", "target")
-
-    def __init__(
-        self,
-        mid: int,
-        payload: bytes,
-        target: int | None,
-        future: asyncio.Future[Any] | None,
-        epoch: int,
-    ) -> None:
-        self.id = mid
-        self.payload = payload
-        self.target = target
-        self.future = future
-        self.epoch = epoch
-        # Deaths of a worker in which this message was the only one it held.
-        self.strikes = 0
+    NONE = "none"  # still running, or it died unannounced
+    BYE = "bye"  # it said goodbye: a clean exit follows
+    KILLED = "killed"  # the pool killed it on purpose
 
 
-class Slot:
-    """One worker number, and the worker (process or actor) serving it now."""
+class WorkerSlot(Slot):
+    """A slot, with what the pool's life cycle keeps of its current worker."""
 
     def __init__(self, number: int) -> None:
-        self.number = number
-        self.state = SlotState.DEAD
+        super().__init__(number)
         self.pid: int | None = None
-        self.queue: deque[Msg] = deque()
-        self.held: dict[int, Msg] = {}
-        # Groups of messages that a dead worker of this number held, each to
-        # be run alone on a worker of this number (its replacement) before it
-        # takes anything else: a death while a group runs alone is charged to
-        # that group only. See _quarantine.
-        self.suspects: deque[list[Msg]] = deque()
-        # A suspect group is in flight: nothing joins it until it is done.
-        self.isolating = False
+        # start() awaits this while the worker initialises (None afterwards).
         self.ready: asyncio.Future[None] | None = None
+        # Resolved with the exit code when the worker has ended.
         self.exited: asyncio.Future[Any] | None = None
-        self.start_error: tuple[str, str] | None = None
-        self.said_bye = False
-        self.killed = False
-        self.failures = 0
-
-    @property
-    def alive(self) -> bool:
-        return self.state is not SlotState.DEAD
-
-    @property
-    def dealable(self) -> bool:
-        """Whether fair rounds deal to it now: ready, and not isolating suspects."""
-        return self.state is SlotState.READY and not (self.isolating or self.suspects)
+        self.start_error: tuple[str, str] | None = None  # (reason, traceback) from initialise()
+        self.farewell = Farewell.NONE
+        self.failures = 0  # replacements that failed to start in a row
 
 
-S = TypeVar("S", bound=Slot)
+S = TypeVar("S", bound=WorkerSlot)
 
 
-class PoolCore(Generic[S]):
-    """The parent API and its ledger; subclasses start, feed and watch workers."""
+class PoolCore(abc.ABC, Generic[S]):
+    """The parent API and its life cycle; a transport subclass starts, feeds and watches workers."""
 
     _noun = "worker"  # what a worker is called in messages: "worker", "actor"
     # How replies and results are decoded (InlinePool(pickle=False): as they are).
@@ -181,54 +163,28 @@ class PoolCore(Generic[S]):
         check_int("size", size)
         check_int("concurrency", concurrency)
         check_int("max_pending", max_pending)
-        if on_result is not None and not callable(on_result):
-            raise TypeError(f"on_result must be callable, not {on_result!r}")
         self._factory = worker
         self._size = size
         self._concurrency = concurrency
         self._max_pending = max_pending
-        self._on_result = on_result
-        self._on_result_async = on_result is not None and (
-            inspect.iscoroutinefunction(on_result)
-            or inspect.iscoroutinefunction(getattr(on_result, "__call__", None))  # noqa: B004
-        )
         self.name = name if name is not None else describe_factory(worker)
+        self._slots: list[S] = [self._new_slot(n) for n in range(size)]
+        self._ledger = Ledger(size, concurrency, list(self._slots))
         # A class (or a partial of one) tells now whether it is a SafeWorker;
         # an opaque factory is settled when its first worker reports ready.
-        self._safe = is_safe(worker)
-
-        self._state = State.NEW
+        self._ledger.safe = is_safe(worker)
+        self._stream = ResultStream(self.name, self._ledger.counts, self._loads, on_result)
+        self._on_result = on_result
+        self._dist = Distribution()
+        self._phase = Phase.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._slots: list[S] = [self._new_slot(n) for n in range(size)]
-        self._ids = itertools.count()
-        self._round: deque[int] = deque()
-        self._redeal_turn = 0
-        self._dirty: dict[S, None] = {}
         self._pump_scheduled = False
-        self._pending = 0
         self._room_waiters: deque[asyncio.Future[None]] = deque()
-        self._epoch = 0
-        self._epoch_counts: dict[int, int] = {}
         self._drain_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
-        self._result_buf: deque[Any] = deque()
-        self._result_waiter: asyncio.Future[None] | None = None
-        self._callback_task: asyncio.Task[None] | None = None
-        self._delivered = 0  # results handed to an async on_result and finished
-        self._delivered_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._stopped = asyncio.Event()
-        self._no_more_results = False
-        self._stop_begun = False
-        self._accepting_respawns = False
+        # Why messages still pending when the pool ends are lost (PoolClosed's text).
+        self._end_reason = "the pool is stopped"
         self._broken: PoolBroken | None = None
-        self._closing_reason = "the pool is stopped"
-        self._n_put = 0
-        self._n_processed = 0
-        self._n_failed = 0
-        self._n_lost = 0
-        self._n_results = 0
-        self._n_redelivered = 0
-        self._n_respawns = 0
-        self._n_blocked = 0
 
     # -- public properties ----------------------------------------------------
 
@@ -245,16 +201,27 @@ class PoolCore(Generic[S]):
     def stats(self) -> PoolStats:
         """Return a frozen snapshot of the pool's counters."""
         return PoolStats(
-            put=self._n_put,
-            processed=self._n_processed,
-            failed=self._n_failed,
-            lost=self._n_lost,
-            results=self._n_results,
-            pending=self._pending,
-            redelivered=self._n_redelivered,
-            respawns=self._n_respawns,
-            blocked=self._n_blocked,
+            **self._ledger.counts.as_dict(),
+            pending=self._ledger.pending,
             in_flight=tuple(len(s.held) for s in self._slots),
+        )
+
+    def _describe(self) -> str:
+        """The middle of ``repr()``: name, phase and workers."""
+        in_flight = sum(len(s.held) for s in self._slots)
+        workers = f"{self._size} {self._noun}{'s' if self._size != 1 else ''}"
+        return (
+            f"{self.name!r} {self._phase.value}, {workers}{self._transport_info()}, "
+            f"{in_flight} in flight, {self._ledger.pending} pending"
+        )
+
+    def _transport_info(self) -> str:
+        return ""
+
+    @property
+    def _accepting_respawns(self) -> bool:
+        return self._phase is Phase.RUNNING or (
+            self._phase is Phase.DRAINING and self._broken is None
         )
 
     # -- life cycle -------------------------------------------------------------
@@ -282,37 +249,37 @@ class PoolCore(Generic[S]):
         Raises :class:`~looppool.WorkerStartError` if one fails, leaving no
         worker behind.
         """
-        if self._state is not State.NEW:
+        if self._phase is not Phase.NEW:
             raise PoolClosed(f"{self!r} was already started; a pool starts once")
-        self._loop = asyncio.get_running_loop()
-        self._state = State.STARTING
+        self._loop = loop = asyncio.get_running_loop()
+        self._phase = Phase.STARTING
         try:
             self._before_start()
+            self._dist.start()
             for slot in self._slots:
-                slot.ready = self._loop.create_future()
+                slot.ready = loop.create_future()
                 self._launch(slot)
             await self._await_ready([s.ready for s in self._slots if s.ready is not None])
-            if self._stop_begun:
+            if self._phase is not Phase.STARTING:
                 # stop() killed the workers, but every one had reported ready
                 # first (a race with fast workers): the start still failed.
                 raise PoolClosed("stop() was called while the pool was starting")
         except BaseException as exc:
+            stopped = self._phase is not Phase.STARTING
             for slot in self._slots:
                 if slot.ready is not None and not slot.ready.done():
                     # Nobody awaits these any more (start() was cancelled, or
                     # another worker failed): a worker killed below must not
                     # leave an error nobody retrieves.
                     slot.ready.cancel()
+            self._phase = Phase.STOPPING
             await self._kill_all()
             self._finish()
-            if self._stop_begun and isinstance(exc, WorkerStartError):
+            if stopped and isinstance(exc, WorkerStartError):
                 raise PoolClosed("stop() was called while the pool was starting") from exc
             raise
-        if self._on_result_async:
-            self._callback_task = self._loop.create_task(self._run_callbacks())
-        self._state = State.RUNNING
-        self._accepting_respawns = True
-        self._deal_round()
+        self._stream.start(loop)
+        self._phase = Phase.RUNNING
 
     async def _await_ready(self, futures: list[asyncio.Future[None]]) -> None:
         pending: set[asyncio.Future[None]] = set(futures)
@@ -337,26 +304,26 @@ class PoolCore(Generic[S]):
         await self._shutdown(graceful=True, timeout=timeout)
 
     async def _shutdown(self, *, graceful: bool, timeout: float | None) -> None:  # noqa: ASYNC109
-        if self._state is State.NEW:
-            self._state = State.STOPPED
+        phase = self._phase
+        if phase is Phase.NEW:
+            self._phase = Phase.STOPPED
             self._stopped.set()
-            self._no_more_results = True  # results() of a pool never started ends at once
+            self._stream.close()  # results() of a pool never started ends at once
             return
-        if self._stop_begun:
+        if phase in (Phase.DRAINING, Phase.STOPPING, Phase.STOPPED):
             await self._stopped.wait()
             return
-        self._stop_begun = True
-        if self._state is State.STARTING:
+        if phase is Phase.STARTING:
             # start() is awaiting the workers in another task: end them; it
             # cleans up and raises PoolClosed.
+            self._phase = Phase.STOPPING
             await self._kill_all()
             await self._stopped.wait()
             return
-        self._state = State.STOPPING
         self._wake_all_room_waiters()
         try:
             async with asyncio.timeout(timeout):
-                await self._stop_workers(graceful)
+                await self._stop_workers(graceful and phase is Phase.RUNNING)
         except TimeoutError:
             for slot in self._slots:
                 if slot.alive:
@@ -376,58 +343,56 @@ class PoolCore(Generic[S]):
             self._finish()
 
     async def _stop_workers(self, graceful: bool) -> None:
-        if graceful and self._safe:
+        if graceful and self._ledger.safe:
             # Every message accepted so far runs; replacements stay on so that
             # a death while draining does not strand the messages it held.
-            while self._pending and self._broken is None:
-                await self._drain_upto(self._epoch)
+            self._phase = Phase.DRAINING
+            while self._ledger.pending and self._broken is None:
+                await self._drain_past(self._ledger.begin_drain())
         else:
-            self._closing_reason = "the pool stopped before the message was processed"
-            self._drop_queued()
-        self._accepting_respawns = False
+            self._end_reason = "the pool stopped before the message was processed"
+            exc = PoolClosed(f"the pool stopped before the message was sent to a {self._noun}")
+            self._settle_lost(self._ledger.lose_queued(), exc)
+        self._phase = Phase.STOPPING
         self._tell_all_to_stop()
-        exits = [s.exited for s in self._slots if s.exited is not None and not s.exited.done()]
-        if exits:
-            await asyncio.wait(exits)
+        await self._workers_exited()
         # Every worker has ended, so every result is in: let the async
         # on_result consumer finish the backlog, then end.
-        self._no_more_results = True
-        self._wake_results()
-        if self._callback_task is not None:
-            await self._callback_task
+        await self._stream.finish()
 
     def _finish(self) -> None:
         """Release everything once no worker runs (or none could start)."""
-        self._state = State.STOPPED
-        self._accepting_respawns = False
+        self._phase = Phase.STOPPED
         self._release()
-        self._lose_all(PoolClosed(self._closing_reason))
-        for waiters in (self._drain_waiters, self._delivered_waiters):
-            while waiters:
-                fut = waiters.popleft()[1]
-                if not fut.done():
-                    fut.set_result(None)
-        if self._callback_task is not None and not self._callback_task.done():
-            self._callback_task.cancel()
+        self._lose_all(PoolClosed(self._end_reason))
+        while self._drain_waiters:
+            fut = self._drain_waiters.popleft()[1]
+            if not fut.done():
+                fut.set_result(None)
+        self._stream.abandon()
         self._stopped.set()
-        self._no_more_results = True
-        self._wake_results()
 
-    async def _kill_all(self) -> None:
-        # No replacement may start for a worker we are killing on purpose.
-        self._accepting_respawns = False
-        self._kill_alive()
+    async def _workers_exited(self) -> None:
         exits = [s.exited for s in self._slots if s.exited is not None and not s.exited.done()]
         if exits:
-            # Shielded: a killed worker is reported within moments; waiting
-            # for that must not be abandoned because the caller is cancelled.
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(asyncio.wait(exits))
+            await asyncio.wait(exits)
+
+    async def _kill_all(self) -> None:
+        """Kill every live worker (nothing replaces them) and wait until each has ended."""
+        if self._phase is not Phase.STOPPED:
+            # No replacement may start for a worker we are killing on purpose
+            # (one may be due: a respawn waits out its back-off).
+            self._phase = Phase.STOPPING
+        self._kill_alive()
+        # Shielded: a killed worker is reported within moments; waiting for
+        # that must not be abandoned because the caller is cancelled.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(self._workers_exited())
 
     # -- sending --------------------------------------------------------------
 
-    def _pickle(self, message: Any) -> bytes:
-        if self._state is not State.RUNNING:
+    def _pickle(self, message: Any) -> Any:
+        if self._phase is not Phase.RUNNING:
             self._raise_closed()
         try:
             return pickle.dumps(message, P.PROTOCOL)
@@ -440,7 +405,7 @@ class PoolCore(Generic[S]):
     def _raise_closed(self) -> None:
         if self._broken is not None:
             raise self._broken
-        if self._state is State.NEW or self._state is State.STARTING:
+        if self._phase is Phase.NEW or self._phase is Phase.STARTING:
             raise PoolClosed(f"{self!r} is not started: use 'async with' or await start() first")
         raise PoolClosed(f"{self!r} takes no new messages")
 
@@ -463,7 +428,7 @@ class PoolCore(Generic[S]):
         """
         self._check_target(worker)
         payload = self._pickle(message)
-        if self._pending >= self._max_pending:
+        if self._ledger.pending >= self._max_pending:
             await self._wait_for_room()
         self._accept(payload, worker, None)
 
@@ -471,9 +436,10 @@ class PoolCore(Generic[S]):
         """Send a message, or raise :class:`~looppool.QueueFull` if ``max_pending`` are pending."""
         self._check_target(worker)
         payload = self._pickle(message)
-        if self._pending >= self._max_pending:
+        pending = self._ledger.pending
+        if pending >= self._max_pending:
             raise QueueFull(
-                f"{self._pending} messages are pending in {self.name!r} (max_pending="
+                f"{pending} messages are pending in {self.name!r} (max_pending="
                 f"{self._max_pending}); await put() to wait for room"
             )
         self._accept(payload, worker, None)
@@ -481,7 +447,7 @@ class PoolCore(Generic[S]):
     async def broadcast(self, message: Any) -> None:
         """Send a message to every worker, each exactly once."""
         payload = self._pickle(message)
-        if self._pending >= self._max_pending:
+        if self._ledger.pending >= self._max_pending:
             await self._wait_for_room()
         for number in range(self._size):
             self._accept(payload, number, None)
@@ -496,36 +462,43 @@ class PoolCore(Generic[S]):
         """
         self._check_target(worker)
         payload = self._pickle(message)
-        if self._pending >= self._max_pending:
+        if self._ledger.pending >= self._max_pending:
             await self._wait_for_room()
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
         self._accept(payload, worker, future)
         return await future
 
+    def _accept(self, payload: Any, target: int | None, reply: Any) -> None:
+        ledger = self._ledger
+        try:
+            ledger.accept(payload, target, reply)
+        except NoWorkerLeft:
+            raise self._broken or PoolBroken(f"pool {self.name!r} has no worker left") from None
+        if ledger.dirty and not self._pump_scheduled:
+            self._schedule_pump()
+
     async def drain(self) -> None:
         """Return once every message put before the call is finished and its results are in."""
-        if self._state is State.NEW:
+        if self._phase is Phase.NEW:
             return
-        await self._drain_upto(self._epoch)
+        await self._drain_past(self._ledger.begin_drain())
         if self._broken is not None:
             raise self._broken
-        if self._on_result_async:
-            await self._delivered_upto(self._n_results)
+        await self._stream.caught_up()
 
-    async def _drain_upto(self, epoch: int) -> None:
-        if not self._epoch_counts or next(iter(self._epoch_counts)) > epoch:
+    async def _drain_past(self, epoch: int | None) -> None:
+        if epoch is None or self._phase is Phase.STOPPED:
             return
         assert self._loop is not None
-        self._epoch += 1  # messages accepted from now on are not waited for
         fut: asyncio.Future[None] = self._loop.create_future()
         self._drain_waiters.append((epoch, fut))
         await fut
 
     async def _wait_for_room(self) -> None:
         assert self._loop is not None
-        while self._pending >= self._max_pending:
-            if self._state is not State.RUNNING:
+        while self._ledger.pending >= self._max_pending:
+            if self._phase is not Phase.RUNNING:
                 self._raise_closed()
             fut: asyncio.Future[None] = self._loop.create_future()
             self._room_waiters.append(fut)
@@ -540,7 +513,7 @@ class PoolCore(Generic[S]):
             finally:
                 with contextlib.suppress(ValueError):
                     self._room_waiters.remove(fut)
-        if self._state is not State.RUNNING:
+        if self._phase is not Phase.RUNNING:
             self._raise_closed()
 
     def _wake_room(self) -> None:
@@ -556,106 +529,54 @@ class PoolCore(Generic[S]):
             if not fut.done():
                 fut.set_result(None)
 
-    def _accept(
-        self, payload: bytes, target: int | None, future: asyncio.Future[Any] | None
-    ) -> None:
-        msg = Msg(next(self._ids), payload, target, future, self._epoch)
-        counts = self._epoch_counts
-        counts[msg.epoch] = counts.get(msg.epoch, 0) + 1
-        self._pending += 1
-        self._n_put += 1
-        if target is not None:
-            self._enqueue(self._slots[target], msg)
-        elif not self._share(msg):
-            self._enqueue(self._slots[self._next_in_round()], msg)
-
-    def _next_in_round(self) -> int:
-        """Fair rounds: each round deals one message to every live worker, in order."""
-        slots = self._slots
-        while True:
-            if not self._round:
-                self._deal_round()
-            number = self._round.popleft()
-            if slots[number].dealable or not any(slots[n].dealable for n in self._round):
-                return number
-
-    def _deal_round(self) -> None:
-        # A worker running a suspect group alone is skipped, as one being
-        # replaced is: what was dealt to it would wait for the whole group.
-        ready = [s.number for s in self._slots if s.dealable]
-        if not ready:
-            ready = [s.number for s in self._slots if s.state is SlotState.READY]
-        if not ready:
-            # Every worker is being replaced: deal to those starting; their
-            # messages wait in the parent until they are ready.
-            ready = [s.number for s in self._slots if s.state is SlotState.STARTING]
-        if not ready:
-            raise self._broken or PoolBroken(f"pool {self.name!r} has no worker left")
-        self._round.extend(ready)
-
-    def _enqueue(self, slot: S, msg: Msg) -> None:
-        slot.queue.append(msg)
-        if slot.state is SlotState.READY and len(slot.held) < self._concurrency:
-            self._mark_dirty(slot)
-
-    def _mark_dirty(self, slot: S) -> None:
-        if (slot.queue or slot.suspects) and slot.state is SlotState.READY:
-            self._dirty[slot] = None
-            if not self._pump_scheduled:
-                self._pump_scheduled = True
-                assert self._loop is not None
-                self._loop.call_soon(self._pump)
+    def _schedule_pump(self) -> None:
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._pump)
 
     def _pump(self) -> None:
-        """Move queued messages into each worker's window: one batch per worker per turn."""
+        """Send what the ledger has room for: one batch per worker per loop turn."""
         self._pump_scheduled = False
-        dirty, self._dirty = self._dirty, {}
-        window = self._concurrency
-        for slot in dirty:
-            if slot.state is not SlotState.READY or slot.isolating:
-                continue  # a suspect group runs alone: nothing joins it
-            queue, held = slot.queue, slot.held
-            if slot.suspects:
-                if held:
-                    continue  # it runs alone: wait until this worker holds nothing
-                batch = slot.suspects.popleft()
-                slot.isolating = True
-            else:
-                room = min(window - len(held), len(queue))
-                if room <= 0:
-                    continue
-                batch = [queue.popleft() for _ in range(room)]
-            for msg in batch:
-                held[msg.id] = msg
-            self._send(slot, batch)
+        send = self._send
+        for slot, batch in self._ledger.take_batches():
+            send(slot, batch)  # type: ignore[arg-type]
 
-    def _drop_queued(self) -> None:
-        """Lose every message not yet sent to a worker (a non-graceful stop)."""
-        exc = PoolClosed(f"the pool stopped before the message was sent to a {self._noun}")
-        for slot in self._slots:
-            while slot.queue:
-                self._lose(slot.queue.popleft(), exc)
-            self._lose_suspects(slot, exc)
+    # -- settling ---------------------------------------------------------------
 
-    def _lose_suspects(self, slot: S, exc: LooppoolError) -> None:
-        while slot.suspects:
-            for msg in slot.suspects.popleft():
-                self._lose(msg, exc)
+    def _after_end(self) -> None:
+        """Messages ended: wake the drains and the room waiters that can go on."""
+        waiters = self._drain_waiters
+        if waiters:
+            oldest = self._ledger.oldest_epoch()
+            while waiters and (oldest is None or waiters[0][0] < oldest):
+                fut = waiters.popleft()[1]
+                if not fut.done():
+                    fut.set_result(None)
+        room = self._max_pending - self._ledger.pending
+        while room > 0 and self._room_waiters:
+            fut = self._room_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                room -= 1
 
-    def _unsend(self, slot: S, batch: list[Msg]) -> None:
-        """A batch provably never reached the slot's worker (it was gone): not a delivery.
+    def _settle_lost(self, msgs: list[Msg], exc: LooppoolError) -> None:
+        """Fail the replies of messages the ledger counted lost."""
+        for msg in msgs:
+            future = msg.reply
+            if future is not None and not future.done():
+                future.set_exception(exc)
+        if msgs:
+            self._after_end()
 
-        Its messages go back to the head of the queue, or of the suspects if
-        it was a suspect group, so that the dead worker's rescue neither
-        charges them with its death nor loses their order.
-        """
-        for msg in batch:
-            slot.held.pop(msg.id, None)
-        if slot.isolating:
-            slot.isolating = False
-            slot.suspects.appendleft(batch)
-        else:
-            slot.queue.extendleft(reversed(batch))
+    def _lose_all(self, exc: LooppoolError) -> None:
+        """Fail every message not finished, wherever it waits; free their room."""
+        lost = self._ledger.lose_all()
+        unassigned = self._dist.close()
+        for msg in unassigned:
+            self._ledger.end(msg, Outcome.LOST)
+        self._settle_lost([*lost, *unassigned], exc)
+        self._wake_all_room_waiters()
 
     # -- receiving ------------------------------------------------------------
 
@@ -666,31 +587,31 @@ class PoolCore(Generic[S]):
             if op == P.EV_DONE:
                 self._on_done(slot, item[1], item[2], item[3])
             elif op == P.EV_RESULT:
-                self._on_result_payload(item[1])
+                self._stream.add(item[1])
             elif op == P.EV_LOG:
                 self._on_log(slot, item[1])
             elif op == P.EV_TAKEN:
-                self._on_taken(slot, item[1])
+                self._dist.taken(slot, item[1])
             elif op == P.EV_READY:
-                self._safe = item[2]  # authoritative: the factory's product decides
+                self._ledger.safe = item[2]  # authoritative: the factory's product decides
                 self._ready_info(slot, item[3:])
                 self._on_ready(slot, item[1])
             elif op == P.EV_START_FAILED:
                 slot.start_error = (item[1], item[2])
             elif op == P.EV_BLOCKED:
-                self._n_blocked += 1
+                self._ledger.counts.blocked += 1
             elif op == P.EV_BYE:
-                slot.said_bye = True
+                slot.farewell = Farewell.BYE
 
     def _on_done(self, slot: S, mid: int, status: int, payload: Any) -> None:
         msg = slot.held.pop(mid, None)
         if msg is None:
-            msg = self._find_unassigned(mid)
+            msg = self._dist.find(mid)
             if msg is None:
                 return  # already given up on (its worker was declared lost)
-        future = msg.future
+        future = msg.reply
         if status == P.DONE_OK:
-            self._n_processed += 1
+            outcome = Outcome.PROCESSED
             if future is not None and not future.done():
                 try:
                     future.set_result(self._loads(payload))
@@ -702,7 +623,7 @@ class PoolCore(Generic[S]):
                         )
                     )
         elif status == P.DONE_FAILED:
-            self._n_failed += 1
+            outcome = Outcome.FAILED
             if future is not None and not future.done():
                 future.set_exception(rebuild_exception(payload, self._loads))
         elif slot.state is not SlotState.STOPPING:
@@ -711,115 +632,25 @@ class PoolCore(Generic[S]):
             # dying: keep the message held, so that its death rescues it.
             slot.held[mid] = msg
             return
-        elif self._resend_cancelled(slot, msg):
+        elif self._dist.resend_cancelled(slot, msg):
             return
         else:
-            self._n_lost += 1
+            outcome = Outcome.LOST
             if future is not None and not future.done():
                 future.set_exception(PoolClosed("the pool stopped while the message was running"))
-        self._complete(msg)
-        if slot.isolating and not slot.held:
-            # The group ran alone and ended: its members were innocent.
-            slot.isolating = False
-            if not any(s.suspects or s.isolating for s in self._slots):
-                self._isolation_over()
-        self._mark_dirty(slot)
+        if self._ledger.finish(slot, msg, outcome):
+            self._dist.isolation_over()
+        self._after_end()
+        if self._ledger.dirty and not self._pump_scheduled:
+            self._schedule_pump()
 
-    def _complete(self, msg: Msg) -> None:
-        self._pending -= 1
-        counts = self._epoch_counts
-        left = counts[msg.epoch] - 1
-        if left:
-            counts[msg.epoch] = left
-        else:
-            del counts[msg.epoch]
-            self._resolve_drains()
-        if self._room_waiters:
-            self._wake_room()
+    def results(self) -> AsyncIterator[Any]:
+        """Yield every result the workers put; end once the pool stopped and all were yielded.
 
-    def _resolve_drains(self) -> None:
-        oldest = next(iter(self._epoch_counts), None)
-        waiters = self._drain_waiters
-        while waiters and (oldest is None or waiters[0][0] < oldest):
-            fut = waiters.popleft()[1]
-            if not fut.done():
-                fut.set_result(None)
-
-    def _lose(self, msg: Msg, exc: LooppoolError) -> None:
-        self._n_lost += 1
-        if msg.future is not None and not msg.future.done():
-            msg.future.set_exception(exc)
-        self._complete(msg)
-
-    def _on_result_payload(self, payload: bytes) -> None:
-        self._n_results += 1
-        try:
-            value = self._loads(payload)
-        except Exception:
-            logger.exception("pool %s: a result could not be unpickled in the parent", self.name)
-            return
-        callback = self._on_result
-        if callback is None or self._on_result_async:
-            self._result_buf.append(value)
-            self._wake_results()
-            return
-        try:
-            callback(value)
-        except Exception:
-            logger.exception("pool %s: on_result raised", self.name)
-
-    def _wake_results(self) -> None:
-        waiter = self._result_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _next_result(self) -> tuple[bool, Any]:
-        """Wait for the next buffered result; ``(False, None)`` once none can come."""
-        while not self._result_buf:
-            if self._no_more_results:
-                return False, None
-            assert self._loop is not None
-            waiter = self._result_waiter
-            if waiter is None or waiter.done():
-                waiter = self._result_waiter = self._loop.create_future()
-            await asyncio.shield(waiter)  # several readers may share one waiter
-        return True, self._result_buf.popleft()
-
-    async def results(self) -> AsyncIterator[Any]:
-        """Yield every result the workers put; end once the pool stopped and all were yielded."""
-        if self._on_result is not None:
-            raise LooppoolError("this pool sends results to on_result; results() has none to yield")
-        while True:
-            more, value = await self._next_result()
-            if not more:
-                return
-            yield value
-
-    async def _run_callbacks(self) -> None:
-        callback = self._on_result
-        assert callback is not None
-        while True:
-            more, value = await self._next_result()
-            if not more:
-                return
-            try:
-                await callback(value)  # type: ignore[misc]
-            except Exception:
-                logger.exception("pool %s: on_result raised", self.name)
-            self._delivered += 1
-            waiters = self._delivered_waiters
-            while waiters and waiters[0][0] <= self._delivered:
-                fut = waiters.popleft()[1]
-                if not fut.done():
-                    fut.set_result(None)
-
-    async def _delivered_upto(self, count: int) -> None:
-        if self._delivered >= count or self._stopped.is_set():
-            return
-        assert self._loop is not None
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._delivered_waiters.append((count, fut))
-        await fut
+        ``results()`` ends only after :meth:`stop`: iterate it in one task
+        while another puts the messages and then stops the pool.
+        """
+        return self._stream.results()
 
     def _on_log(self, slot: S, data: dict[str, Any]) -> None:
         record = logging.makeLogRecord(data)
@@ -839,9 +670,10 @@ class PoolCore(Generic[S]):
         if slot.ready is not None and not slot.ready.done():
             slot.ready.set_result(None)
         slot.ready = None
-        if self._state is State.STOPPING and not self._accepting_respawns:
-            return
-        self._mark_dirty(slot)
+        if self._phase is Phase.RUNNING or self._accepting_respawns:
+            self._ledger.mark(slot)
+            if self._ledger.dirty:
+                self._schedule_pump()
 
     # -- supervision ------------------------------------------------------------
 
@@ -855,6 +687,7 @@ class PoolCore(Generic[S]):
         slot.state = SlotState.DEAD
         if slot.exited is not None and not slot.exited.done():
             slot.exited.set_result(lost.exitcode)
+        farewell = slot.farewell
         if previous is SlotState.STARTING:
             reason, tb = slot.start_error or (cause, "")
             if slot.ready is not None:  # the pool's start() awaits this one
@@ -864,122 +697,73 @@ class PoolCore(Generic[S]):
                     )
                 slot.ready = None
                 return
-            if not slot.killed:
+            if farewell is not Farewell.KILLED:
                 slot.failures += 1
                 logger.error(
                     "pool %s: replacement of worker %d failed: %s", self.name, slot.number, reason
                 )
-        elif not (slot.said_bye or slot.killed):
+        elif farewell is Farewell.NONE:
             logger.error(
                 "pool %s: worker %d (pid %s) died (%s)", self.name, slot.number, slot.pid, cause
             )
-        if previous is SlotState.STOPPING or slot.killed:
+        if previous is SlotState.STOPPING or farewell is Farewell.KILLED:
             # Told to stop (or killed by us): nothing to replace.
-            if slot.said_bye or slot.killed:
+            if farewell is not Farewell.NONE:
                 # What it still holds it took but never ran (barrier mode: a
                 # message refused after the stop began): send it again, or
                 # lose it if the pool is stopping.
-                for msg in list(slot.held.values()):
-                    self._requeue(slot, msg)
-                slot.held.clear()
+                self._requeue_held(slot)
             else:
                 # It died while finishing its messages (a barrier-mode restart
                 # stops the survivors, and one may die too): they died with
-                # it, and that counts as a delivery, or a message that kills
+                # it, and that counts as a death, or a message that kills
                 # every worker it reaches would be sent for ever.
                 self._rescue(slot, lost)
-            self._after_stopped_end()
+            self._dist.worker_ended(slot)
             return
+        self._dist.worker_died(slot)
         self._rescue(slot, lost)
-        if self._accepting_respawns:
+        if not self._dist.worker_ended(slot) and self._accepting_respawns:
             self._replace(slot)
 
     def _rescue(self, slot: S, lost: WorkerLost) -> None:
         """Decide the fate of the messages a dead worker held or had queued."""
-        held = sorted(slot.held.values(), key=lambda m: m.id)
+        self._settle_lost(self._ledger.worker_died(slot, self._accepting_respawns), lost)
+        if self._ledger.dirty:
+            self._schedule_pump()
+
+    def _requeue_held(self, slot: S) -> None:
+        """Send again what a worker that stopped (or was killed) took and did not start."""
+        msgs = sorted(slot.held.values(), key=lambda m: m.id)
         slot.held.clear()
-        slot.isolating = False
-        if self._safe and self._accepting_respawns:
-            self._quarantine(slot, held, lost)
-        else:
-            for msg in held:
-                self._lose(msg, lost)
         if not self._accepting_respawns:
-            self._lose_suspects(slot, lost)
-        # What it had not been sent yet played no part in its death: a
-        # directed message waits for the replacement, a shared one is dealt
-        # to another worker at once.
-        keep: deque[Msg] = deque()
-        again: list[Msg] = []
-        for msg in slot.queue:
-            (keep.append if msg.target is not None else again.append)(msg)
-        slot.queue = keep
-        if not self._accepting_respawns:
-            while slot.queue:
-                self._lose(slot.queue.popleft(), lost)
-        for msg in again:
-            if self._share(msg):
-                continue
-            others = [s for s in self._slots if s.state is SlotState.READY]
-            if not others:
-                others = [s for s in self._slots if s is not slot]
-            if not others or not self._accepting_respawns:
-                if self._accepting_respawns:
-                    slot.queue.append(msg)  # a pool of one: wait for the replacement
-                else:
-                    self._lose(msg, lost)
-                continue
-            self._redeal_turn = (self._redeal_turn + 1) % len(others)
-            self._enqueue(others[self._redeal_turn], msg)
-
-    def _quarantine(self, slot: S, held: list[Msg], lost: WorkerLost) -> None:
-        """Charge a SafeWorker's death only to the messages that could have caused it.
-
-        A worker that dies holding several messages says nothing about which
-        one killed it, so none is charged: they become *suspects*, split in
-        two groups, and each group runs alone on the replacement (nothing else
-        joins a worker while a group runs there). A group that dies is split
-        again; one that ends was innocent. A message that was the only one
-        its worker held when it died gets a strike, and at ``MAX_STRIKES`` it
-        is a poison message, failed with ``lost``. So a poison message among
-        ``k`` neighbours costs about ``log2(k) + 2`` worker deaths, and every
-        neighbour is run again until it finishes: at least once, never lost.
-        """
-        if not held:
+            for msg in msgs:
+                self._ledger.end(msg, Outcome.LOST)
+            self._settle_lost(msgs, PoolClosed(self._end_reason))
             return
-        if len(held) == 1:
-            msg = held[0]
-            msg.strikes += 1
-            if msg.strikes >= MAX_STRIKES:
-                self._lose(msg, lost)
-                return
-            groups = [held]
-        else:
-            half = len(held) // 2
-            groups = [held[:half], held[half:]]
-        self._n_redelivered += len(held)
-        # Ahead of older suspects of this number: bisecting one death's
-        # suspects to the end finds a culprit in the fewest deaths.
-        slot.suspects.extendleft(reversed(groups))
+        # Directed ones go back to the head of their queue, so newest first.
+        for msg in reversed([m for m in msgs if m.target is not None]):
+            self._ledger.requeue(slot, msg)
+        for msg in msgs:
+            if msg.target is None:
+                self._ledger.requeue(slot, msg)
+        if self._ledger.dirty:
+            self._schedule_pump()
 
-    def _requeue(self, slot: S, msg: Msg) -> None:
-        """Send again a message that a stopping worker took but did not run."""
-        if not self._accepting_respawns:
-            self._lose(msg, PoolClosed(self._closing_reason))
-        elif msg.target is not None:
-            slot.queue.appendleft(msg)
-        elif not self._share(msg):
-            self._enqueue(self._slots[self._next_in_round()], msg)
+    def _give_up_on(self, slot: S) -> bool:
+        """Break the pool if ``slot``'s replacements keep failing to start; True if it did."""
+        if slot.failures < MAX_START_FAILURES:
+            return False
+        last = slot.start_error[0] if slot.start_error else f"its {self._noun} died"
+        self._break(
+            f"worker {slot.number} failed to start {slot.failures} times in a row (last: {last})"
+        )
+        return True
 
     def _replace(self, slot: S) -> None:
         """Start a replacement for a dead worker, after a back-off if it keeps failing."""
         assert self._loop is not None
-        if slot.failures >= MAX_START_FAILURES:
-            last = slot.start_error[0] if slot.start_error else f"its {self._noun} died"
-            self._break(
-                f"worker {slot.number} failed to start {slot.failures} times in a row "
-                f"(last: {last})"
-            )
+        if self._give_up_on(slot):
             return
         slot.state = SlotState.STARTING  # counts as alive: no second replacement is scheduled
         delay = RESPAWN_BACKOFF * (2 ** (slot.failures - 1)) if slot.failures else 0.0
@@ -988,12 +772,9 @@ class PoolCore(Generic[S]):
     def _respawn(self, slot: S) -> None:
         if not self._accepting_respawns:
             slot.state = SlotState.DEAD
-            closed = PoolClosed(self._closing_reason)
-            while slot.queue:
-                self._lose(slot.queue.popleft(), closed)
-            self._lose_suspects(slot, closed)
+            self._settle_lost(self._ledger.lose_waiting(slot), PoolClosed(self._end_reason))
             return
-        self._n_respawns += 1
+        self._ledger.counts.respawns += 1
         try:
             self._launch(slot)
         except Exception as exc:
@@ -1008,93 +789,67 @@ class PoolCore(Generic[S]):
             return
         logger.critical("pool %s is broken: %s", self.name, reason)
         self._broken = PoolBroken(f"pool {self.name!r} is broken: {reason}")
-        self._closing_reason = str(self._broken)
-        self._accepting_respawns = False
-        if self._state is State.RUNNING:
-            self._state = State.STOPPING
+        self._end_reason = str(self._broken)
+        if self._phase is Phase.RUNNING:
+            self._phase = Phase.BROKEN
         self._lose_all(self._broken)
         self._kill_alive()
-
-    def _lose_all(self, exc: LooppoolError) -> None:
-        """Fail every message not finished, wherever it waits; free their room."""
-        for slot in self._slots:
-            for msg in [*slot.held.values(), *slot.queue]:
-                self._lose(msg, exc)
-            slot.held.clear()
-            slot.queue.clear()
-            slot.isolating = False
-            self._lose_suspects(slot, exc)
-        self._lose_unassigned(exc)
-        self._wake_all_room_waiters()
 
     def _kill_alive(self) -> None:
         """Kill every live worker, marked as killed on purpose (not replaced, not logged)."""
         for slot in self._slots:
             if slot.alive:
-                slot.killed = True
+                slot.farewell = Farewell.KILLED
                 self._kill(slot)
 
     def _tell_all_to_stop(self) -> None:
         """Send STOP to every live worker not told yet: finish (SafeWorker) or cancel (Worker)."""
-        cancel = not self._safe
+        cancel = not self._ledger.safe
         for slot in self._slots:
             if slot.alive and slot.state is not SlotState.STOPPING:
                 slot.state = SlotState.STOPPING
                 self._send_stop(slot, cancel)
 
-    # -- what a kind of pool provides -------------------------------------------
+    # -- the transport: what a kind of pool provides ------------------------------
 
+    @abc.abstractmethod
     def _new_slot(self, number: int) -> S:
-        raise NotImplementedError
+        """Make the slot of worker ``number``: a WorkerSlot with the transport's handles."""
 
     def _before_start(self) -> None:
-        """Prepare what the workers share (connect to a cluster, make queues)."""
+        """Prepare what the workers share (connect to a cluster); before any ``_launch``."""
 
+    @abc.abstractmethod
     def _launch(self, slot: S) -> None:
-        """Start a worker for ``slot``; it reports EV_READY or ends."""
-        raise NotImplementedError
+        """Start a worker for ``slot`` and set ``slot.state`` to STARTING.
 
+        Set ``slot.exited`` to a new future. The worker must then report,
+        through :meth:`_dispatch`, either ``EV_READY`` or ``EV_START_FAILED``,
+        and its end, whatever it is, through :meth:`_on_worker_end` (exactly
+        once). May raise if the worker cannot be started at all.
+        """
+
+    @abc.abstractmethod
     def _send(self, slot: S, batch: list[Msg]) -> None:
-        """Send a batch of messages (now in ``slot.held``) to the slot's worker."""
-        raise NotImplementedError
+        """Send a batch (already in ``slot.held``) to the slot's worker, in order, without blocking.
 
+        If the batch provably cannot reach the worker (it is gone), call
+        ``self._ledger.unsend(slot, batch)``: its end is reported as usual.
+        """
+
+    @abc.abstractmethod
     def _send_stop(self, slot: S, cancel: bool) -> None:
-        """Tell the worker to stop: finish (``cancel=False``) or cancel what it holds."""
-        raise NotImplementedError
+        """Tell the worker to stop after what it was sent: finish (or ``cancel``) all it holds."""
 
+    @abc.abstractmethod
     def _kill(self, slot: S) -> None:
-        """End the slot's worker at once; its end is reported as usual."""
-        raise NotImplementedError
+        """End the slot's worker at once; its end is reported (``_on_worker_end``) as usual."""
 
     def _release(self) -> None:
-        """Close what the pool holds once no worker runs."""
-
-    def _share(self, msg: Msg) -> bool:
-        """Barrier mode: put a shared message on the shared queue; False if not in use."""
-        return False
+        """Close what the pool holds, once no worker runs."""
 
     def _ready_info(self, slot: S, extra: tuple[Any, ...]) -> None:
         """What a worker reports beyond its pid when ready (an actor: its node)."""
-
-    def _on_taken(self, slot: S, mid: int) -> None:
-        """Barrier mode: a worker took a message from the shared queue."""
-
-    def _find_unassigned(self, mid: int) -> Msg | None:
-        """Barrier mode: a message finished that no slot was known to hold."""
-        return None
-
-    def _lose_unassigned(self, exc: LooppoolError) -> None:
-        """Barrier mode: lose the messages still on the shared queue."""
-
-    def _resend_cancelled(self, slot: S, msg: Msg) -> bool:
-        """Barrier mode: keep a message cancelled by a generation restart, to send again."""
-        return False
-
-    def _after_stopped_end(self) -> None:
-        """A stopping worker ended (barrier mode: maybe start the next generation)."""
-
-    def _isolation_over(self) -> None:
-        """No suspect group is left to run alone (barrier mode: resume the shared queue)."""
 
 
 def check_int(name: str, value: object) -> None:

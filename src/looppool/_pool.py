@@ -33,26 +33,25 @@ import os
 import pickle
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any, Literal
+from typing import Literal
 
 from . import _protocol as P
+from ._barrier import BarrierDistribution
 from ._child import ChildConfig, worker_main
 from ._core import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_PENDING,
-    MAX_START_FAILURES,
-    Msg,
+    Farewell,
     PoolCore,
     PoolStats,
     ResultCallback,
-    Slot,
-    SlotState,
-    State,
+    WorkerSlot,
     logger,
 )
-from ._errors import LooppoolError, WorkerLost, describe_exit
+from ._errors import WorkerLost, describe_exit
+from ._ledger import Msg, SlotState
 from ._monitor import monitor_options
-from ._pipes import PipeWriter, SharedQueue
+from ._pipes import PipeWriter
 from ._worker import Worker
 
 __all__ = ["Pool", "PoolStats"]
@@ -62,7 +61,7 @@ StartMethod = Literal["fork", "spawn", "forkserver"]
 Distribution = Literal["rounds", "barrier"]
 
 
-class _ProcSlot(Slot):
+class _ProcSlot(WorkerSlot):
     """A slot served by a worker process."""
 
     def __init__(self, number: int) -> None:
@@ -162,11 +161,6 @@ class Pool(PoolCore[_ProcSlot]):
 
         self._loop_kind = ("uvloop" if has_uvloop else "asyncio") if loop == "auto" else loop
         self._distribution = distribution
-        # barrier mode
-        self._shared_queue: SharedQueue | None = None
-        self._barrier: Any = None
-        self._shared_out: dict[int, Msg] = {}
-        self._regenerating = False
 
     def _new_slot(self, number: int) -> _ProcSlot:
         return _ProcSlot(number)
@@ -182,19 +176,19 @@ class Pool(PoolCore[_ProcSlot]):
         return self._start_method
 
     def __repr__(self) -> str:
-        in_flight = sum(len(s.held) for s in self._slots)
-        return (
-            f"<looppool.Pool {self.name!r} {self._state.value}, {self._size} workers "
-            f"({self._loop_kind}, {self._start_method}), {in_flight} in flight, "
-            f"{self._pending} pending>"
-        )
+        return f"<looppool.Pool {self._describe()}>"
+
+    def _transport_info(self) -> str:
+        return f" ({self._loop_kind}, {self._start_method})"
 
     # -- processes ------------------------------------------------------------
 
     def _before_start(self) -> None:
         atexit.register(self._kill_at_exit)
         if self._distribution == "barrier":
-            self._new_generation_objects()
+            assert self._loop is not None
+            barrier = BarrierDistribution(self, self._ctx, self._loop, self._size)
+            self._dist = self._ledger.shared = barrier
 
     def _launch(self, slot: _ProcSlot) -> None:
         """Start a process for ``slot`` and watch it (synchronous: no other fork may interleave)."""
@@ -215,9 +209,8 @@ class Pool(PoolCore[_ProcSlot]):
             log_level=logging.getLogger().getEffectiveLevel(),
             forked=self._start_method == "fork",
             concurrency=self._concurrency,
-            shared_queue=self._shared_queue.reader if self._shared_queue is not None else None,
-            barrier=self._barrier,
             monitor=self._monitor,
+            **self._dist.worker_options(),
         )
         process = ctx.Process(
             target=worker_main, args=(cfg,), name=f"{self.name}-worker-{slot.number}"
@@ -238,8 +231,7 @@ class Pool(PoolCore[_ProcSlot]):
         os.set_blocking(slot.rfd, False)
         slot.decoder = P.FrameDecoder()
         slot.start_error = None
-        slot.said_bye = False
-        slot.killed = False
+        slot.farewell = Farewell.NONE
         slot.exited = self._loop.create_future()
         slot.exit_fd = self._exit_fd(slot, process)
         self._loop.add_reader(slot.rfd, self._on_readable, slot)
@@ -279,11 +271,11 @@ class Pool(PoolCore[_ProcSlot]):
         )
 
     def _send(self, slot: _ProcSlot, batch: list[Msg]) -> None:
-        frame = P.encode([(P.OP_MSG, msg.id, msg.future is not None, msg.payload) for msg in batch])
+        frame = P.encode([(P.OP_MSG, msg.id, msg.reply is not None, msg.payload) for msg in batch])
         if not self._write(slot, frame):
             # The worker died before we noticed: these never reached it, so
             # its death must not be charged to them.
-            self._unsend(slot, batch)
+            self._ledger.unsend(slot, batch)
 
     def _send_stop(self, slot: _ProcSlot, cancel: bool) -> None:
         self._write(slot, P.encode([(P.OP_STOP, cancel)]))
@@ -369,123 +361,6 @@ class Pool(PoolCore[_ProcSlot]):
                 loop.remove_reader(slot.pidfd)
             os.close(slot.pidfd)
             slot.pidfd = -1
-
-    # -- barrier mode -----------------------------------------------------------
-
-    def _new_generation_objects(self) -> None:
-        assert self._loop is not None
-        self._shared_queue = SharedQueue(self._ctx, self._loop)
-        self._barrier = self._ctx.Barrier(self._size)
-
-    def _share(self, msg: Msg) -> bool:
-        if self._shared_queue is None:
-            return False
-        self._shared_out[msg.id] = msg
-        # While a generation restarts, or suspects of a death run alone on a
-        # worker (see _quarantine), nothing is written: a listener of the
-        # isolated worker would take it and join the group. The backlog is
-        # written when that ends.
-        if not self._regenerating and not self._isolating():
-            self._shared_queue.put(msg.id, msg.future is not None, msg.payload)
-        return True
-
-    def _isolating(self) -> bool:
-        return any(s.suspects or s.isolating for s in self._slots)
-
-    def _isolation_over(self) -> None:
-        if self._shared_queue is not None and not self._regenerating:
-            self._write_shared_backlog()
-
-    def _write_shared_backlog(self) -> None:
-        assert self._shared_queue is not None
-        for msg in sorted(self._shared_out.values(), key=lambda m: m.id):
-            self._shared_queue.put(msg.id, msg.future is not None, msg.payload)
-
-    def _on_taken(self, slot: _ProcSlot, mid: int) -> None:
-        msg = self._shared_out.pop(mid, None)
-        if msg is not None:
-            slot.held[msg.id] = msg
-
-    def _find_unassigned(self, mid: int) -> Msg | None:
-        return self._shared_out.pop(mid, None)
-
-    def _lose_unassigned(self, exc: LooppoolError) -> None:
-        for msg in list(self._shared_out.values()):
-            self._lose(msg, exc)
-        self._shared_out.clear()
-        if self._shared_queue is not None and self._state is State.STOPPED:
-            self._close_shared_queue()
-
-    def _resend_cancelled(self, slot: _ProcSlot, msg: Msg) -> bool:
-        if self._regenerating and self._accepting_respawns:
-            # Cancelled by a generation restart, not by the user: it is sent
-            # again once this worker has said goodbye (see _on_worker_end).
-            slot.held[msg.id] = msg
-            return True
-        return False
-
-    def _rescue(self, slot: _ProcSlot, lost: WorkerLost) -> None:
-        if self._shared_queue is not None and self._accepting_respawns:
-            # Begin the restart first: what the dead worker held must not go
-            # back on this generation's queue, where a stopping survivor would
-            # take it and count a delivery it never ran.
-            self._begin_generation_restart()
-        super()._rescue(slot, lost)
-
-    def _replace(self, slot: _ProcSlot) -> None:
-        if self._shared_queue is None:
-            super()._replace(slot)
-            return
-        # A dead party can never be removed from a multiprocessing.Barrier
-        # (nor can abort() be relied on: it may wait for the dead party
-        # forever). Replace the whole generation instead.
-        self._begin_generation_restart()
-        self._maybe_finish_generation()
-
-    def _after_stopped_end(self) -> None:
-        self._maybe_finish_generation()
-
-    def _begin_generation_restart(self) -> None:
-        if self._regenerating:
-            return
-        self._regenerating = True
-        logger.warning(
-            "pool %s: restarting every worker (distribution='barrier' cannot replace one)",
-            self.name,
-        )
-        self._tell_all_to_stop()
-
-    def _maybe_finish_generation(self) -> None:
-        """Once the old generation has exited, start a new one and send again what it left."""
-        if not self._regenerating or any(s.alive for s in self._slots):
-            return
-        self._regenerating = False
-        if not self._accepting_respawns:
-            return
-        for slot in self._slots:
-            if slot.failures >= MAX_START_FAILURES:
-                super()._replace(slot)  # gives up, loudly
-                return
-        self._close_shared_queue()
-        self._new_generation_objects()
-        for slot in self._slots:
-            self._respawn(slot)
-        if not self._isolating():
-            self._write_shared_backlog()
-
-    def _close_shared_queue(self) -> None:
-        # What it did not take is still in _shared_out: the next generation
-        # gets it again, or the stopping pool counts it lost.
-        assert self._shared_queue is not None
-        self._shared_queue.close()
-        # Drop the generation's semaphores now, while nothing else runs: their
-        # finalizers unregister them from multiprocessing's resource tracker.
-        # Left to a pool caught in a reference cycle, they would be collected
-        # whenever the cyclic GC runs, possibly inside the resource tracker's
-        # own call (Python 3.13: "ResourceTracker called reentrantly ... might
-        # leak"), which a test run hit.
-        self._shared_queue = None
-        self._barrier = None
 
 
 def _prepare_titles() -> None:

@@ -78,13 +78,13 @@ from ._child import _ForwardHandler
 from ._core import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_PENDING,
-    Msg,
+    Farewell,
     PoolCore,
     ResultCallback,
-    Slot,
-    SlotState,
+    WorkerSlot,
 )
 from ._errors import WorkerLost
+from ._ledger import Msg, SlotState
 from ._monitor import WorkerMonitor, monitor_options
 from ._runner import MessageRunner
 from ._worker import Worker
@@ -297,7 +297,7 @@ class LooppoolActor:
 # -- the parent side ------------------------------------------------------------
 
 
-class _ActorSlot(Slot):
+class _ActorSlot(WorkerSlot):
     """A slot served by a Ray actor."""
 
     def __init__(self, number: int) -> None:
@@ -430,11 +430,7 @@ class RayPool(PoolCore[_ActorSlot]):
         return tuple(s.node if s.alive else None for s in self._slots)
 
     def __repr__(self) -> str:
-        in_flight = sum(len(s.held) for s in self._slots)
-        return (
-            f"<looppool.ray.RayPool {self.name!r} {self._state.value}, {self._size} actors, "
-            f"{in_flight} in flight, {self._pending} pending>"
-        )
+        return f"<looppool.ray.RayPool {self._describe()}>"
 
     # -- actors ---------------------------------------------------------------
 
@@ -460,8 +456,7 @@ class RayPool(PoolCore[_ActorSlot]):
         slot.pid = slot.node = None
         slot.sent = 0
         slot.start_error = None
-        slot.said_bye = False
-        slot.killed = False
+        slot.farewell = Farewell.NONE
         slot.exited = self._loop.create_future()
         # Its outcome arrives as EV_READY or EV_START_FAILED; if the actor
         # cannot even be created, the listener's call fails with the reason.
@@ -478,7 +473,7 @@ class RayPool(PoolCore[_ActorSlot]):
                 if data is None:
                     break
                 self._dispatch(slot, pickle.loads(data))
-                if slot.said_bye:
+                if slot.farewell is Farewell.BYE:
                     break
         except asyncio.CancelledError:
             raise
@@ -505,7 +500,7 @@ class RayPool(PoolCore[_ActorSlot]):
         self._on_worker_end(slot, f"its actor died: {_describe_ray_error(error)}", lost)
 
     def _send(self, slot: _ActorSlot, batch: list[Msg]) -> None:
-        items = [(msg.id, msg.future is not None, msg.payload) for msg in batch]
+        items = [(msg.id, msg.reply is not None, msg.payload) for msg in batch]
         # Fire and forget: if the actor dies, its listener learns it and
         # rescues what it held; the call's own error adds nothing.
         slot.actor.deliver.remote(slot.sent, pickle.dumps(items, P.PROTOCOL))

@@ -47,14 +47,14 @@ from . import _protocol as P
 from ._core import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_PENDING,
-    Msg,
+    Farewell,
+    Phase,
     PoolCore,
     PoolStats,
-    Slot,
-    SlotState,
-    State,
+    WorkerSlot,
 )
 from ._errors import WorkerLost
+from ._ledger import Msg, SlotState
 from ._pool import Pool
 from ._runner import MessageRunner
 from ._worker import Worker
@@ -95,7 +95,7 @@ class _TaggedLog(logging.LoggerAdapter[logging.Logger]):
         return f"[worker {number}] {msg}", kwargs
 
 
-class _InlineSlot(Slot):
+class _InlineSlot(WorkerSlot):
     """A slot served by a worker object running as a task on the caller's loop."""
 
     def __init__(self, number: int) -> None:
@@ -178,16 +178,15 @@ class InlinePool(PoolCore[_InlineSlot]):
         return (None,) * self._size
 
     def __repr__(self) -> str:
-        in_flight = sum(len(s.held) for s in self._slots)
-        return (
-            f"<looppool.testing.InlinePool {self.name!r} {self._state.value}, "
-            f"{self._size} workers (inline), {in_flight} in flight, {self._pending} pending>"
-        )
+        return f"<looppool.testing.InlinePool {self._describe()}>"
+
+    def _transport_info(self) -> str:
+        return " (inline)"
 
     def _pickle(self, message: Any) -> Any:
         if self._use_pickle:
             return super()._pickle(message)
-        if self._state is not State.RUNNING:
+        if self._phase is not Phase.RUNNING:
             self._raise_closed()
         return message
 
@@ -197,8 +196,7 @@ class InlinePool(PoolCore[_InlineSlot]):
         assert self._loop is not None
         slot.state = SlotState.STARTING
         slot.start_error = None
-        slot.said_bye = False
-        slot.killed = False
+        slot.farewell = Farewell.NONE
         slot.exited = self._loop.create_future()
         slot.stop_requested = self._loop.create_future()
         codec: dict[str, Any] = {} if self._use_pickle else {"dumps": _as_is, "loads": _as_is}
@@ -248,7 +246,8 @@ class InlinePool(PoolCore[_InlineSlot]):
         if runner.worker is not None:
             # put_result() after the stop raises, as on a worker no pool runs.
             del runner.worker._looppool_sink
-        cause = "it was cancelled" if task.cancelled() or not slot.said_bye else "it stopped"
+        said_bye = slot.farewell is Farewell.BYE
+        cause = "it was cancelled" if task.cancelled() or not said_bye else "it stopped"
         self._on_worker_end(slot, cause, WorkerLost(slot.number, None, None))
 
     def _send(self, slot: _InlineSlot, batch: list[Msg]) -> None:
@@ -259,7 +258,7 @@ class InlinePool(PoolCore[_InlineSlot]):
             if slot.stop_requested.done():
                 runner.refuse(msg.id)
             else:
-                runner.start(msg.id, msg.future is not None, msg.payload)
+                runner.start(msg.id, msg.reply is not None, msg.payload)
 
     def _send_stop(self, slot: _InlineSlot, cancel: bool) -> None:
         if slot.stop_requested is not None and not slot.stop_requested.done():

@@ -1,0 +1,188 @@
+"""Barrier mode (``distribution="barrier"``): the original package's shared queue and Barrier.
+
+::
+
+    parent                                      worker k (one listener thread each)
+    ──────                                      ───────────────────────────────────
+    put(m) ─► place(): out[id] = m ─► shared queue ─► take one message (whole frames,
+                                                      under the queue's lock)
+                       EV_TAKEN ◄────────────────── ◄─ report it, hand it to the loop,
+    taken(): out ─► slot.held                          then wait at the Barrier
+    put(m, worker=k), broadcast, suspects ─► the worker's own channel (as in rounds)
+
+A dead party can never leave a ``multiprocessing.Barrier`` (nor can
+``abort()`` be relied on: it may wait for the dead party for ever), so any
+death restarts the whole *generation*: the survivors are told to stop (a
+``SafeWorker`` finishes what it holds, a ``Worker`` cancels it), and once
+every worker has ended, a fresh queue, Barrier and workers start, and what
+the old generation left is sent again. Meanwhile, and while the suspects of
+a death run alone on a worker (see ``Ledger._isolate``), nothing is written
+to the queue: the listener of an isolated worker would take it and join the
+group. Every message on the queue is also in ``out`` until a worker reports
+taking it, so ending a generation just drops the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from ._distribution import Distribution
+from ._ledger import Ledger, Msg, Slot, SlotState
+from ._pipes import SharedQueue
+
+__all__ = ["BarrierDistribution"]
+
+logger = logging.getLogger("looppool")
+
+
+class Host(Protocol):
+    """What barrier mode needs of its pool."""
+
+    name: str
+
+    @property
+    def _ledger(self) -> Ledger: ...
+
+    @property
+    def _accepting_respawns(self) -> bool: ...
+
+    def _tell_all_to_stop(self) -> None: ...
+
+    def _respawn(self, slot: Any) -> None: ...
+
+    def _give_up_on(self, slot: Any) -> bool: ...
+
+
+class BarrierDistribution(Distribution):
+    """Shared messages through one queue and a Barrier; a death restarts every worker."""
+
+    def __init__(self, host: Host, ctx: Any, loop: asyncio.AbstractEventLoop, size: int) -> None:
+        self._host = host
+        self._ctx = ctx
+        self._loop = loop
+        self._size = size
+        self._queue: SharedQueue | None = None
+        self._barrier: Any = None
+        # Shared messages accepted and not yet taken by a worker, by id.
+        self._out: dict[int, Msg] = {}
+        # The generation is ending: its workers were told to stop.
+        self._regenerating = False
+
+    # -- the generation's shared objects ------------------------------------------
+
+    def start(self) -> None:
+        self._queue = SharedQueue(self._ctx, self._loop)
+        self._barrier = self._ctx.Barrier(self._size)
+
+    def worker_options(self) -> dict[str, Any]:
+        assert self._queue is not None
+        return {"shared_queue": self._queue.reader, "barrier": self._barrier}
+
+    def _close_queue(self) -> None:
+        # What it did not take is still in _out: the next generation gets it
+        # again, or the stopping pool counts it lost.
+        if self._queue is None:
+            return
+        self._queue.close()
+        # Drop the generation's semaphores now, while nothing else runs: their
+        # finalizers unregister them from multiprocessing's resource tracker.
+        # Left to a pool caught in a reference cycle, they would be collected
+        # whenever the cyclic GC runs, possibly inside the resource tracker's
+        # own call (Python 3.13: "ResourceTracker called reentrantly ... might
+        # leak"), which a test run hit.
+        self._queue = None
+        self._barrier = None
+
+    def close(self) -> list[Msg]:
+        self._close_queue()
+        unassigned = list(self._out.values())
+        self._out.clear()
+        return unassigned
+
+    # -- messages -------------------------------------------------------------------
+
+    def place(self, msg: Msg) -> bool:
+        self._out[msg.id] = msg
+        if self._writing():
+            self._write(msg)
+        return True
+
+    def _writing(self) -> bool:
+        return (
+            self._queue is not None
+            and not self._regenerating
+            and not self._host._ledger.isolating()
+        )
+
+    def _write(self, msg: Msg) -> None:
+        assert self._queue is not None
+        self._queue.put(msg.id, msg.reply is not None, msg.payload)
+
+    def _write_backlog(self) -> None:
+        for msg in sorted(self._out.values(), key=lambda m: m.id):
+            self._write(msg)
+
+    def taken(self, slot: Slot, mid: int) -> None:
+        msg = self._out.pop(mid, None)
+        if msg is not None:
+            slot.held[msg.id] = msg
+
+    def find(self, mid: int) -> Msg | None:
+        return self._out.pop(mid, None)
+
+    def resend_cancelled(self, slot: Slot, msg: Msg) -> bool:
+        if self._regenerating and self._host._accepting_respawns:
+            # Cancelled by a generation restart, not by the user: it is sent
+            # again once this worker has said goodbye (see _on_worker_end).
+            slot.held[msg.id] = msg
+            return True
+        return False
+
+    def isolation_over(self) -> None:
+        if self._writing():
+            self._write_backlog()
+
+    # -- deaths and generations -------------------------------------------------------
+
+    def worker_died(self, slot: Slot) -> None:
+        if self._host._accepting_respawns:
+            # Begin the restart first: what the dead worker held must not go
+            # back on this generation's queue, where a stopping survivor would
+            # take it and count a delivery it never ran.
+            self._begin_restart()
+
+    def worker_ended(self, slot: Slot) -> bool:
+        self._maybe_finish_generation()
+        return True
+
+    def _begin_restart(self) -> None:
+        if self._regenerating:
+            return
+        self._regenerating = True
+        logger.warning(
+            "pool %s: restarting every worker (distribution='barrier' cannot replace one)",
+            self._host.name,
+        )
+        self._host._tell_all_to_stop()
+
+    def _maybe_finish_generation(self) -> None:
+        """Once the old generation has exited, start a new one and send again what it left."""
+        host = self._host
+        slots = host._ledger.slots
+        if not self._regenerating or any(s.alive for s in slots):
+            return
+        self._regenerating = False
+        if not host._accepting_respawns:
+            return
+        for slot in slots:
+            if host._give_up_on(slot):
+                return
+        self._close_queue()
+        self.start()
+        for slot in slots:
+            assert slot.state is SlotState.DEAD
+            host._respawn(slot)
+        if self._writing():
+            self._write_backlog()

@@ -1,0 +1,162 @@
+"""The parent's end of the results: ``results()``, or the ``on_result`` callback.
+
+::
+
+    EV_RESULT payload ──► add() ──► unpickle ──► on_result(value)        (a plain callback)
+                                       └──────► buffer ──► results()     (no callback)
+                                                   └────► callback task ──► await on_result(value)
+
+A result is held only until it is handed out: neither the buffer, nor the
+iterator, nor the callback task keeps a reference to a value once it has been
+yielded or passed on (a result of tens of megabytes must not stay alive while
+the stream waits for the next one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from ._errors import LooppoolError
+from ._ledger import Counts
+
+__all__ = ["ResultCallback", "ResultStream"]
+
+logger = logging.getLogger("looppool")
+
+ResultCallback = Callable[[Any], Awaitable[None] | None]
+
+
+def is_async_callable(callback: object) -> bool:
+    """Whether calling ``callback`` returns an awaitable (an ``async def`` or such an object)."""
+    return inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
+        getattr(callback, "__call__", None)  # noqa: B004
+    )
+
+
+class ResultStream:
+    """Buffers results for ``results()``, or hands them to ``on_result``."""
+
+    def __init__(
+        self,
+        name: str,
+        counts: Counts,
+        loads: Callable[[Any], Any],
+        on_result: ResultCallback | None,
+    ) -> None:
+        if on_result is not None and not callable(on_result):
+            raise TypeError(f"on_result must be callable, not {on_result!r}")
+        self._name = name
+        self._counts = counts
+        self._loads = loads
+        self._callback = on_result
+        self.callback_is_async = on_result is not None and is_async_callable(on_result)
+        self._buf: deque[Any] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False  # no result can come any more
+        # An async on_result: results it has finished with, and who waits for a count.
+        self._delivered = 0
+        self._delivered_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the task that awaits an async ``on_result`` for every result."""
+        if self.callback_is_async:
+            self._task = loop.create_task(self._run_callbacks())
+
+    def add(self, payload: Any) -> None:
+        """A worker's result arrived (pickled): pass it on."""
+        self._counts.results += 1
+        try:
+            value = self._loads(payload)
+        except Exception:
+            logger.exception("pool %s: a result could not be unpickled in the parent", self._name)
+            return
+        callback = self._callback
+        if callback is None or self.callback_is_async:
+            self._buf.append(value)
+            self._wake()
+            return
+        try:
+            callback(value)
+        except Exception:
+            logger.exception("pool %s: on_result raised", self._name)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _ready(self) -> bool:
+        """Wait until a result is buffered (True) or none can come any more (False)."""
+        while not self._buf:
+            if self._closed:
+                return False
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(waiter)  # several readers may share one waiter
+        return True
+
+    async def results(self) -> AsyncIterator[Any]:
+        """Yield every result; end once the pool has stopped and every one was yielded."""
+        if self._callback is not None:
+            raise LooppoolError(
+                f"pool {self._name!r} sends its results to on_result=, so results() has none "
+                "to yield: iterate results() or pass on_result, not both"
+            )
+        while await self._ready():
+            # Popped as it is yielded, never bound to a local of this frame:
+            # once the caller drops it, nothing here keeps it alive.
+            yield self._buf.popleft()
+
+    async def _run_callbacks(self) -> None:
+        callback = self._callback
+        assert callback is not None
+        while await self._ready():
+            try:
+                await callback(self._buf.popleft())  # type: ignore[misc]
+            except Exception:
+                logger.exception("pool %s: on_result raised", self._name)
+            self._delivered += 1
+            waiters = self._delivered_waiters
+            while waiters and waiters[0][0] <= self._delivered:
+                fut = waiters.popleft()[1]
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def caught_up(self) -> None:
+        """Return once an async ``on_result`` has finished with every result so far."""
+        if not self.callback_is_async:
+            return
+        count = self._counts.results
+        if self._delivered >= count or self._task is None or self._task.done():
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._delivered_waiters.append((count, fut))
+        await fut
+
+    def close(self) -> None:
+        """No result can come any more: ``results()`` ends once it has yielded the buffer."""
+        self._closed = True
+        self._wake()
+
+    async def finish(self) -> None:
+        """Close, and wait until an async ``on_result`` has been given every result."""
+        self.close()
+        if self._task is not None:
+            await self._task
+
+    def abandon(self) -> None:
+        """Close and give up on the callbacks still to run; release who waits for them."""
+        self.close()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        while self._delivered_waiters:
+            fut = self._delivered_waiters.popleft()[1]
+            if not fut.done():
+                fut.set_result(None)
