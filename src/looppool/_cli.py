@@ -35,6 +35,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, S
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
+from . import __version__
 from ._errors import WorkerStartError
 from ._pool import Pool, PoolStats
 from ._worker import Worker
@@ -692,22 +693,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("looppool")
-    except PackageNotFoundError:
-        return "(not installed)"
-
-
 def make_parser() -> argparse.ArgumentParser:
     """The ``looppool`` argument parser (its sub-commands: run, bench, demo)."""
     parser = argparse.ArgumentParser(
         prog=_PROG,
         description="Run a pool of worker processes, each with its own asyncio event loop.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
