@@ -11,12 +11,15 @@ import importlib.metadata
 import subprocess
 import sys
 import tarfile
+import textwrap
+import warnings
 import zipfile
 from pathlib import Path
 
 import pytest
 
 import looppool
+from looppool._worker import HookNameWarning
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_DEADLINE = 120  # seconds hatchling may take to build both archives
@@ -99,3 +102,164 @@ def test_changelog_has_an_unreleased_section() -> None:
     assert text.startswith("# Changelog\n")
     sections = [line for line in text.splitlines() if line.startswith("## ")]
     assert sections[0] == "## [Unreleased]"
+
+
+# -- near misses of the hook names --------------------------------------------------------
+
+
+def define(name: str) -> type[looppool.Worker]:
+    """Define a Worker subclass with a method called ``name`` (and process_message)."""
+
+    def method(self: looppool.Worker, *args: object) -> None:
+        """A method with the name under test."""
+
+    def process_message(self: looppool.Worker, message: object) -> object:
+        """Echo."""
+        return message
+
+    namespace = {"process_message": process_message, name: method}
+    if name in NEAR_MISSES_OF_PROCESS_MESSAGE:
+        del namespace["process_message"]
+    return type("Custom", (looppool.Worker,), namespace)
+
+
+NEAR_MISSES = {
+    "initialize": "initialise",
+    "Initialise": "initialise",
+    "initalise": "initialise",
+    "finalize": "finalise",
+    "finalse": "finalise",
+}
+NEAR_MISSES_OF_PROCESS_MESSAGE = (
+    "processMessage",
+    "ProcessMessage",
+    "process_messages",
+    "proccess_message",
+    "on_message",
+    "handle_message",
+    "process_msg",
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "hook"),
+    [*NEAR_MISSES.items(), *((n, "process_message") for n in NEAR_MISSES_OF_PROCESS_MESSAGE)],
+)
+def test_a_near_miss_of_a_hook_name_warns_naming_the_hook(name: str, hook: str) -> None:
+    """Defining initialize/processMessage/on_message... without the hook warns, naming the hook."""
+    with pytest.warns(HookNameWarning, match=rf"^Custom\.{name}\(\) .* hook {hook}\(\)") as record:
+        define(name)
+    [warning] = record
+    assert issubclass(warning.category, UserWarning)
+    assert f"Rename it to {hook} " in str(warning.message)
+
+
+def test_the_warning_points_at_the_misspelt_def() -> None:
+    """The warning's file and line are those of the misspelt method, not of looppool."""
+    with pytest.warns(HookNameWarning) as record:
+
+        class Fetch(looppool.SafeWorker):
+            async def initialize(self) -> None:
+                """Never called by the pool."""
+
+            def process_message(self, message: object) -> object:
+                """Echo."""
+                return message
+
+    [warning] = record
+    assert warning.filename == __file__
+    assert warning.lineno == Fetch.initialize.__code__.co_firstlineno
+
+
+@pytest.mark.parametrize("name", ["initialize", "finalize", "on_message", "processMessage"])
+def test_no_warning_when_the_hook_is_defined_too(name: str) -> None:
+    """A near miss beside the real hook (here or in a base class) is the user's own method."""
+    hook = NEAR_MISSES.get(name, "process_message")
+
+    def real(self: looppool.Worker, *args: object) -> None:
+        """The real hook."""
+
+    def other(self: looppool.Worker) -> None:
+        """The user's own method."""
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        type("Both", (looppool.Worker,), {hook: real, name: other})
+        base = type("Base", (looppool.Worker,), {hook: real})
+        type("Derived", (base,), {name: other})
+    assert record == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "initialise_db",
+        "finalise_batch",
+        "initial",
+        "final",
+        "finish",
+        "init",
+        "setup",
+        "start",
+        "close",
+        "process",
+        "process_item",
+        "process_result",
+        "preprocess_message",
+        "message",
+        "handle",
+        "run",
+        "normalise",
+        "_initialize",
+        "_process_message",
+    ],
+)
+def test_ordinary_method_names_do_not_warn(name: str) -> None:
+    """Helpers whose names merely resemble a hook draw no warning."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        type("Plain", (looppool.Worker,), {name: lambda self: None})
+    assert record == []
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_spawned_workers_do_not_warn_again(tmp_path: Path, method: str) -> None:
+    """The parent warns once; workers that import the module again stay quiet."""
+    (tmp_path / "misspelt.py").write_text(
+        textwrap.dedent(
+            """
+            import looppool
+
+            class Greeter(looppool.SafeWorker):
+                def initialize(self):
+                    self.greeting = "hello"
+
+                def process_message(self, message):
+                    return getattr(self, "greeting", "initialise() never ran")
+            """
+        )
+    )
+    code = textwrap.dedent(
+        """
+        import asyncio, looppool, misspelt
+
+        async def main():
+            async with looppool.Pool(misspelt.Greeter, size=2, start_method="spawn") as pool:
+                return [await pool.submit(i) for i in range(2)]
+
+        if __name__ == "__main__":
+            print(asyncio.run(main()))
+        """
+    )
+    (tmp_path / "main.py").write_text(code)
+    proc = subprocess.run(
+        [sys.executable, "-W", "default", "main.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "['initialise() never ran', 'initialise() never ran']\n"
+    assert proc.stderr.count("HookNameWarning") == 1, proc.stderr
+    assert "misspelt.py:5: HookNameWarning: Greeter.initialize() looks like" in proc.stderr
