@@ -6,8 +6,10 @@ hatchling (the build backend, in the ``test`` extra) and look inside them.
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import importlib.metadata
+import pickle
 import subprocess
 import sys
 import tarfile
@@ -20,6 +22,7 @@ import pytest
 
 import looppool
 from looppool._worker import HookNameWarning
+from looppool.testing import InlinePool
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_DEADLINE = 120  # seconds hatchling may take to build both archives
@@ -263,3 +266,44 @@ def test_spawned_workers_do_not_warn_again(tmp_path: Path, method: str) -> None:
     assert proc.stdout == "['initialise() never ran', 'initialise() never ran']\n"
     assert proc.stderr.count("HookNameWarning") == 1, proc.stderr
     assert "misspelt.py:5: HookNameWarning: Greeter.initialize() looks like" in proc.stderr
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+class Echo(looppool.Worker):
+    """Replies with the message."""
+
+    def process_message(self, message: object) -> object:
+        """Echo."""
+        return message
+
+
+async def test_queue_full_is_also_asyncio_queue_full() -> None:
+    """put_nowait above max_pending raises looppool.QueueFull, which asyncio code catches too."""
+    assert issubclass(looppool.QueueFull, looppool.LooppoolError)
+    async with InlinePool(Echo, max_pending=1) as pool:
+        pool.put_nowait("fills the pool")
+        with pytest.raises(asyncio.QueueFull) as caught:
+            pool.put_nowait("one too many")
+    assert isinstance(caught.value, looppool.QueueFull)
+    assert "max_pending=1" in str(caught.value)
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert isinstance(copy, asyncio.QueueFull)
+    assert str(copy) == str(caught.value)
+
+
+async def test_results_with_on_result_says_why_and_what_to_do() -> None:
+    """results() on a pool made with on_result raises a LooppoolError naming both and the fix."""
+
+    def keep(value: object) -> None:
+        """The on_result callback."""
+
+    async with InlinePool(Echo, name="crawler", on_result=keep) as pool:
+        with pytest.raises(looppool.LooppoolError) as caught:
+            await anext(pool.results())
+    assert type(caught.value) is looppool.LooppoolError
+    message = str(caught.value)
+    assert message.startswith(f"pool 'crawler' was made with on_result={keep!r}")
+    assert "results() would never yield one" in message
+    assert "made without on_result" in message

@@ -739,9 +739,17 @@ class PoolCore(Generic[S]):
         return True, self._result_buf.popleft()
 
     async def results(self) -> AsyncIterator[Any]:
-        """Yield every result the workers put; end once the pool stopped and all were yielded."""
+        """Yield every result the workers put; end once the pool stopped and all were yielded.
+
+        The iteration ends only after ``stop()``: ``drain()`` does not end it.
+        Raises :class:`LooppoolError` on a pool made with ``on_result``.
+        """
         if self._on_result is not None:
-            raise LooppoolError("this pool sends results to on_result; results() has none to yield")
+            raise LooppoolError(
+                f"pool {self.name!r} was made with on_result={self._on_result!r}, which "
+                "receives every result: results() would never yield one. Iterate over "
+                "results() on a pool made without on_result, or handle results in the callback."
+            )
         while True:
             more, value = await self._next_result()
             if not more:
