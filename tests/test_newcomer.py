@@ -307,3 +307,28 @@ async def test_results_with_on_result_says_why_and_what_to_do() -> None:
     assert message.startswith(f"pool 'crawler' was made with on_result={keep!r}")
     assert "results() would never yield one" in message
     assert "made without on_result" in message
+
+
+# -- reprs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "noun"), [(1, "1 worker "), (2, "2 workers ")])
+async def test_pool_repr_counts_workers_in_words(size: int, noun: str) -> None:
+    """A Pool's repr says "1 worker", "2 workers"."""
+    pool = looppool.Pool(Echo, size, loop="asyncio", start_method="fork")
+    assert f"new, {noun}(asyncio, fork)" in repr(pool)
+
+
+@pytest.mark.parametrize(("size", "noun"), [(1, "1 worker "), (3, "3 workers ")])
+async def test_inline_pool_repr_counts_workers_in_words(size: int, noun: str) -> None:
+    """An InlinePool's repr says "1 worker (inline)", "3 workers (inline)"."""
+    async with InlinePool(Echo, size) as pool:
+        assert f"running, {noun}(inline), 0 in flight" in repr(pool)
+
+
+@pytest.mark.parametrize(("size", "noun"), [(1, "1 actor,"), (2, "2 actors,")])
+def test_ray_pool_repr_counts_actors_in_words(size: int, noun: str) -> None:
+    """A RayPool's repr says "1 actor", "2 actors" (checked before start: no Ray instance)."""
+    ray_module = pytest.importorskip("looppool.ray", exc_type=ImportError)
+    pool = ray_module.RayPool(Echo, size, name="echoes")
+    assert f"'echoes' new, {noun} 0 in flight" in repr(pool)

@@ -184,7 +184,8 @@ class Pool(PoolCore[_ProcSlot]):
     def __repr__(self) -> str:
         in_flight = sum(len(s.held) for s in self._slots)
         return (
-            f"<looppool.Pool {self.name!r} {self._state.value}, {self._size} workers "
+            f"<looppool.Pool {self.name!r} {self._state.value}, {self._size} "
+            f"worker{'' if self._size == 1 else 's'} "
             f"({self._loop_kind}, {self._start_method}), {in_flight} in flight, "
             f"{self._pending} pending>"
         )

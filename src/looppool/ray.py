@@ -432,7 +432,8 @@ class RayPool(PoolCore[_ActorSlot]):
     def __repr__(self) -> str:
         in_flight = sum(len(s.held) for s in self._slots)
         return (
-            f"<looppool.ray.RayPool {self.name!r} {self._state.value}, {self._size} actors, "
+            f"<looppool.ray.RayPool {self.name!r} {self._state.value}, {self._size} "
+            f"actor{'' if self._size == 1 else 's'}, "
             f"{in_flight} in flight, {self._pending} pending>"
         )
 

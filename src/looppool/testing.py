@@ -181,7 +181,8 @@ class InlinePool(PoolCore[_InlineSlot]):
         in_flight = sum(len(s.held) for s in self._slots)
         return (
             f"<looppool.testing.InlinePool {self.name!r} {self._state.value}, "
-            f"{self._size} workers (inline), {in_flight} in flight, {self._pending} pending>"
+            f"{self._size} worker{'' if self._size == 1 else 's'} (inline), {in_flight} in flight, "
+            f"{self._pending} pending>"
         )
 
     def _pickle(self, message: Any) -> Any:
