@@ -661,10 +661,12 @@ async def test_actors_send_statsd_gauges_named_as_in_pool(
             # Waits on the socket, with a deadline: reports come every 50 ms.
             async with asyncio.timeout(DEADLINE):
                 while not gauges["0"] or gauges["1"].get("messages.processed") != 3:
-                    for name, value in (await statsd_server.areport()).items():
+                    for name, (value, kind) in (await statsd_server.akinds()).items():
                         match = re.fullmatch(r"lpt\.ray\.crawl\.worker\.([01])\.(.+)", name)
                         assert match is not None, name
-                        gauges[match[1]][match[2]] = value
+                        seen = gauges[match[1]]
+                        # Counters (the message counts) carry each report's increase.
+                        seen[match[2]] = value + seen.get(match[2], 0) if kind == "c" else value
     for number in ("0", "1"):
         assert {
             "cpu",

@@ -464,7 +464,7 @@ async def _pool_factory(request: pytest.FixtureRequest) -> AsyncIterator[PoolFac
     worker process is still alive after its pool's ``stop()`` returned.
     """
     settings = request.config.stash[_SETTINGS]
-    fixture_name = request.fixturename  # pool_factory, or looppool_factory
+    fixture_name = request.fixturename or "pool_factory"  # or looppool_factory
     loop = asyncio.get_running_loop()
     made: list[tuple[Pool, list[psutil.Process]]] = []
 
