@@ -26,7 +26,7 @@ import pytest
 
 import looppool
 from cli_workers import leftover_processes
-from looppool import _cli
+from looppool import _cli, _console
 
 TESTS = Path(__file__).resolve().parent
 SRC = Path(looppool.__file__).resolve().parent.parent
@@ -452,11 +452,11 @@ async def test_read_messages_bad_line_raises_cli_error() -> None:
 
 def test_progress_bar_renders_count_rate_and_eta() -> None:
     """The bar's text: done/total, percentage, rate, ETA; without a total: count and rate."""
-    bar = _cli.ProgressBar(io.StringIO(), total=200, enabled=True)
+    bar = _console.ProgressBar(io.StringIO(), total=200, enabled=True)
     bar.done = 50
     text = bar.render(bar._started + 10.0)
     assert text.startswith("50/200 [#####...............]  25%  5 messages/s  ETA 0:30")
-    bar = _cli.ProgressBar(io.StringIO(), unit="pages", enabled=True)
+    bar = _console.ProgressBar(io.StringIO(), unit="pages", enabled=True)
     bar.done = 1234
     assert bar.render(bar._started + 2.0) == "1,234 pages  617 pages/s  0:02"
 
@@ -464,7 +464,7 @@ def test_progress_bar_renders_count_rate_and_eta() -> None:
 def test_progress_bar_is_silent_off_a_terminal() -> None:
     """Not a terminal: update() and close() write nothing."""
     stream = io.StringIO()
-    bar = _cli.ProgressBar(stream, total=10)
+    bar = _console.ProgressBar(stream, total=10)
     assert not bar.enabled
     bar.update(5)
     bar.close()

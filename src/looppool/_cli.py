@@ -26,7 +26,6 @@ import contextlib
 import importlib
 import json
 import logging
-import math
 import os
 import sys
 import threading
@@ -36,11 +35,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
 from . import __version__
+from ._console import REDRAW_INTERVAL, CliError, ProgressBar
+from ._console import loop_factory as make_loop_factory
 from ._errors import WorkerStartError
 from ._pool import Pool, PoolStats
 from ._worker import Worker
 
-__all__ = ["CliError", "ProgressBar", "load_worker", "main"]
+__all__ = ["CliError", "load_worker", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -52,14 +53,8 @@ _PROG = "looppool"
 _READ_CHUNK = 1 << 16
 #: Chunks the reader thread may read ahead of the loop (its backpressure).
 _CHUNKS_AHEAD = 4
-#: Seconds between two redraws of the progress bar.
-_REDRAW_INTERVAL = 0.1
 #: ``--ordered`` keeps at most this many submits in flight per worker.
 _ORDERED_WINDOW_PER_WORKER = 256
-
-
-class CliError(Exception):
-    """A mistake in what the command was asked to do: one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------
@@ -131,95 +126,6 @@ def load_worker(spec: str) -> Callable[[], Worker]:
         factory: Callable[[], Worker] = obj
         return factory
     raise CliError(f"{spec} is {type(obj).__name__} {obj!r:.60}, not a looppool.Worker subclass")
-
-
-# ---------------------------------------------------------------------------
-# Progress bar
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-class ProgressBar:
-    """A one-line progress display, drawn only when ``stream`` is a terminal.
-
-    ``update(done)`` redraws at most every 0.1 s; the line shows the count,
-    the mean rate and, when ``total`` is known, a bar, the percentage and the
-    ETA. ``close()`` draws the final state and ends the line. Not a terminal
-    (a pipe, a file, a test's capture): every call does nothing.
-    """
-
-    def __init__(
-        self,
-        stream: TextIO,
-        *,
-        total: int | None = None,
-        unit: str = "messages",
-        enabled: bool | None = None,
-    ) -> None:
-        self.stream = stream
-        self.total = total
-        self.unit = unit
-        if enabled is None:
-            try:
-                enabled = stream.isatty()
-            except (AttributeError, ValueError):
-                enabled = False
-        self.enabled = enabled
-        self.done = 0
-        self._started = time.monotonic()
-        self._drawn_at = -math.inf
-        self._closed = False
-
-    def update(self, done: int) -> None:
-        """Record that ``done`` units are finished; redraw if it is time to."""
-        self.done = done
-        if not self.enabled or self._closed:
-            return
-        now = time.monotonic()
-        if now - self._drawn_at >= _REDRAW_INTERVAL:
-            self._drawn_at = now
-            self._draw(now)
-
-    def close(self) -> None:
-        """Draw the final state and end the line (once)."""
-        if self.enabled and not self._closed:
-            self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
-        self._closed = True
-
-    def render(self, now: float) -> str:
-        """The text of the line at time ``now`` (a ``time.monotonic()`` value)."""
-        elapsed = max(now - self._started, 1e-9)
-        rate = self.done / elapsed
-        if self.total is None or self.total <= 0:
-            return f"{self.done:,} {self.unit}  {rate:,.0f} {self.unit}/s  {_clock(elapsed)}"
-        fraction = min(self.done / self.total, 1.0)
-        eta = (self.total - self.done) / rate if rate > 0 else math.inf
-        eta_text = _clock(eta) if math.isfinite(eta) else "?"
-        width = 20
-        filled = int(fraction * width)
-        bar = "#" * filled + "." * (width - filled)
-        return (
-            f"{self.done:,}/{self.total:,} [{bar}] {fraction:4.0%}  "
-            f"{rate:,.0f} {self.unit}/s  ETA {eta_text}"
-        )
-
-    def _draw(self, now: float) -> None:
-        try:
-            columns = os.get_terminal_size(self.stream.fileno()).columns
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-        if columns < 20:  # unknown (0) or absurdly narrow: assume the classic width
-            columns = 80
-        line = self.render(now)[: max(columns - 1, 10)]
-        self.stream.write("\r" + line + "\x1b[K")
-        self.stream.flush()
 
 
 # ---------------------------------------------------------------------------
@@ -419,7 +325,7 @@ async def _redraw_forever(bar: ProgressBar, pool: Pool) -> None:
     # A display refreshed ten times a second, like any progress bar; nothing
     # waits on it. It only runs when stderr is a terminal.
     while True:
-        await asyncio.sleep(_REDRAW_INTERVAL)
+        await asyncio.sleep(REDRAW_INTERVAL)
         bar.update(sum(_counts(pool.stats())))
 
 
@@ -554,20 +460,6 @@ async def _run(opts: _RunOptions, source: Readable, out: _Output, err: TextIO) -
     return RunSummary(count, processed, failed, lost, out.written, elapsed)
 
 
-def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The parent's loop: the same kind as the workers' (uvloop when asked or "auto")."""
-    if kind == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if kind == "uvloop":
-            raise CliError("--loop uvloop was asked, but uvloop is not installed") from None
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
 @contextlib.contextmanager
 def _stderr_logging(err: TextIO) -> Iterator[None]:
     """Show warnings and errors (worker tracebacks included) on ``err``.
@@ -629,7 +521,7 @@ def _open_output(path: str | None, stack: contextlib.ExitStack) -> TextIO:
 def _command_run(ns: argparse.Namespace) -> int:
     err = sys.stderr
     factory = load_worker(ns.worker)
-    loop_factory = _loop_factory(ns.loop)
+    loop_factory = make_loop_factory(ns.loop)
     with contextlib.ExitStack() as stack:
         source, input_name = _open_input(ns.input, stack)
         total = None
