@@ -10,11 +10,15 @@ import ast
 import asyncio
 import email.parser
 import importlib.metadata
+import importlib.util
+import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
 import textwrap
+import types
 import warnings
 import zipfile
 from pathlib import Path
@@ -430,3 +434,87 @@ def test_no_import_cycles_but_the_known_ones() -> None:
     found = cycles(import_graph())
     assert [cycle for cycle in found if cycle not in KNOWN_CYCLES] == []
     assert "looppool._cli" not in import_graph()["looppool._demo"]
+
+
+# -- the noxfile finds pyenv's interpreters --------------------------------------------------
+
+
+@pytest.fixture
+def noxfile(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """The repository's noxfile.py, loaded with a stand-in for nox (the tests need no nox)."""
+    if not (ROOT / "noxfile.py").is_file():
+        pytest.skip("not run from a source tree")
+    stand_in = types.ModuleType("nox")
+    stand_in.options = types.SimpleNamespace()  # type: ignore[attr-defined]
+    stand_in.Session = object  # type: ignore[attr-defined]
+    stand_in.session = lambda *args, **kwargs: lambda function: function  # type: ignore[attr-defined]
+    stand_in.parametrize = lambda *args, **kwargs: lambda function: function  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "nox", stand_in)
+    # Its import puts pyenv's interpreters on this process's PATH: undone at teardown.
+    monkeypatch.setenv("PATH", os.environ.get("PATH", ""))
+    spec = importlib.util.spec_from_file_location("looppool_noxfile", ROOT / "noxfile.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_python(directory: Path, name: str) -> Path:
+    """An executable file ``name`` in ``directory`` (made if need be)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_noxfile_takes_pyenv_interpreters_where_path_has_only_shims(
+    noxfile: types.ModuleType, tmp_path: Path
+) -> None:
+    """Shims and missing versions are replaced by pyenv's newest release; real ones stay."""
+    root = tmp_path / "pyenv"
+    fake_python(root / "shims", "python3.12")
+    fake_python(root / "shims", "python3.13")
+    for version in ("3.12.1", "3.12.10", "3.12.9", "3.13.0", "3.13.1rc1", "3.13.2t"):
+        fake_python(root / "versions" / version / "bin", f"python{version[:4]}")
+    (root / "versions" / "3.13.5" / "bin").mkdir(parents=True)  # no interpreter in it
+    system = tmp_path / "usr-bin"
+    fake_python(system, "python3.11")
+    environ = {"PYENV_ROOT": str(root), "PATH": f"{root / 'shims'}{os.pathsep}{system}"}
+    added = noxfile.use_pyenv_pythons(environ, ["3.11", "3.12", "3.13", "3.14"])
+    assert added == [root / "versions" / "3.12.10" / "bin", root / "versions" / "3.13.0" / "bin"]
+    assert environ["PATH"].split(os.pathsep) == [
+        *map(str, added),
+        str(root / "shims"),
+        str(system),
+    ]
+    path = environ["PATH"]
+    assert shutil.which("python3.11", path=path) == str(system / "python3.11")
+    assert shutil.which("python3.12", path=path) == str(added[0] / "python3.12")
+
+
+def test_noxfile_leaves_path_alone_without_pyenv(noxfile: types.ModuleType, tmp_path: Path) -> None:
+    """No pyenv root (or nothing in it): PATH is not touched."""
+    environ = {"PYENV_ROOT": str(tmp_path / "none"), "PATH": str(tmp_path)}
+    assert noxfile.use_pyenv_pythons(environ, ["3.11", "3.12", "3.13"]) == []
+    assert environ["PATH"] == str(tmp_path)
+
+
+def test_noxfile_finds_this_machines_pyenv_pythons(noxfile: types.ModuleType) -> None:
+    """Each of 3.11-3.13 that pyenv has here resolves to a working interpreter of that version."""
+    root = noxfile.pyenv_root(os.environ)
+    minors = [m for m in noxfile.PYTHONS if noxfile.pyenv_bin(root, m) is not None]
+    if not minors:
+        pytest.skip("pyenv has none of the project's Python versions here")
+    for minor in minors:
+        found = shutil.which(f"python{minor}")
+        assert found is not None
+        proc = subprocess.run(
+            [found, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert proc.stdout == f"{minor}\n"
