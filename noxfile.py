@@ -1,10 +1,73 @@
-"""Sessions: ``nox`` runs the default ones (tests on every Python and loop, lint, types, docs)."""
+"""Sessions: ``nox`` runs the default ones (tests on every Python and loop, lint, types, docs).
+
+nox finds ``python3.11``, ``python3.12`` and ``python3.13`` on ``PATH``; it has
+no pyenv support of its own, and pyenv's shims answer "command not found"
+for every version that pyenv does not have activated. So, at import, each of
+those versions that is missing from ``PATH`` or is only a pyenv shim there is
+taken from pyenv's own ``versions/`` directory (the newest release of that
+minor version), when pyenv has it: ``nox`` then runs the tests on every
+Python the machine has, as ``.ci/run`` does.
+"""
 
 from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
 
 import nox
 
 PYTHONS = ["3.11", "3.12", "3.13"]
+
+
+def pyenv_root(environ: Mapping[str, str]) -> Path:
+    """Where pyenv keeps its interpreters: ``$PYENV_ROOT``, else ``~/.pyenv``."""
+    root = environ.get("PYENV_ROOT")
+    return Path(root) if root else Path.home() / ".pyenv"
+
+
+def pyenv_bin(root: Path, minor: str) -> Path | None:
+    """The ``bin`` directory of pyenv's newest release of ``minor`` (e.g. 3.12.4 for 3.12).
+
+    Releases only (``3.12.4``, not ``3.12-dev``, ``3.13.0rc1`` or ``3.13.0t``),
+    with a ``python3.12`` in their ``bin``; ``None`` if pyenv has none.
+    """
+    release = re.compile(re.escape(minor) + r"\.([0-9]+)")
+    found = []
+    for path in (root / "versions").glob(f"{minor}.*"):
+        match = release.fullmatch(path.name)
+        if match and os.access(path / "bin" / f"python{minor}", os.X_OK):
+            found.append((int(match[1]), path / "bin"))
+    return max(found)[1] if found else None
+
+
+def use_pyenv_pythons(environ: MutableMapping[str, str], minors: list[str]) -> list[Path]:
+    """Put pyenv's interpreters of ``minors`` first on ``environ["PATH"]`` where needed.
+
+    Only for a minor version whose ``pythonX.Y`` is not on ``PATH``, or is a
+    pyenv shim (which fails unless that version is activated). Returns the
+    directories added.
+    """
+    root = pyenv_root(environ)
+    added = []
+    for minor in minors:
+        found = shutil.which(f"python{minor}", path=environ.get("PATH", os.defpath))
+        # pyenv's shims, and pyenv-virtualenv's: a "shims" directory under the root.
+        if found is not None and not (
+            Path(found).parent.name == "shims" and root in Path(found).parents
+        ):
+            continue
+        directory = pyenv_bin(root, minor)
+        if directory is not None:
+            added.append(directory)
+    if added:
+        environ["PATH"] = os.pathsep.join([*map(str, added), environ.get("PATH", os.defpath)])
+    return added
+
+
+use_pyenv_pythons(os.environ, PYTHONS)
 
 nox.options.sessions = ["tests", "lint", "types", "docs"]
 nox.options.reuse_existing_virtualenvs = True

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import select
 from typing import Any
 
 import looppool
+
+#: The workers' logger: its warnings reach the command's stderr, where the
+#: tests read them to know what a worker is doing.
+log = logging.getLogger("cli_workers")
 
 
 class Echo(looppool.Worker):
@@ -78,6 +83,68 @@ class NotAWorker:
 
     def process_message(self, message: Any) -> None:
         """Looks like a worker, is not one."""
+
+
+async def _held(message: Any) -> Any:
+    """What Held and HeldPlain do with a message."""
+    if not (isinstance(message, dict) and "hold" in message):
+        return message
+    if "fifo" not in message:
+        log.warning("holding %s", message["hold"])
+        await asyncio.Event().wait()  # until the worker is killed, or cancelled
+    # The FIFO is open for reading before the warning says so: a test that
+    # has read the warning opens the other end without waiting. Linux does
+    # not report the FIFO readable before something is written to it.
+    fd = os.open(message["fifo"], os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        log.warning("holding %s", message["hold"])
+        loop = asyncio.get_running_loop()
+        readable = loop.create_future()
+        loop.add_reader(fd, readable.set_result, None)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+    return message["hold"]
+
+
+class Held(looppool.SafeWorker):
+    """Puts and replies each message; ``{"hold": x, ...}`` is held first, then answers ``x``.
+
+    ``{"hold": x}`` logs the warning "holding x" (the command writes it on
+    stderr), then waits: until something is written to the FIFO that
+    ``{"fifo": path}`` names, or forever without one.
+    """
+
+    async def process_message(self, message: Any) -> Any:
+        """Hold the message if it asks; then put it as the result and reply it."""
+        message = await _held(message)
+        self.put_result(message)
+        return message
+
+
+class HeldPlain(looppool.Worker):
+    """:class:`Held` as a plain Worker: a stop cancels the messages it holds."""
+
+    async def process_message(self, message: Any) -> Any:
+        """Hold the message if it asks; then put it as the result and reply it."""
+        message = await _held(message)
+        self.put_result(message)
+        return message
+
+
+class SlowStart(looppool.Worker):
+    """A worker whose ``initialise()`` logs "initialising" and never returns."""
+
+    async def initialise(self) -> None:
+        """Log, then wait forever."""
+        log.warning("initialising")
+        await asyncio.Event().wait()
+
+    def process_message(self, message: Any) -> None:
+        """Never reached."""
 
 
 #: A factory (not a class): accepted by ``looppool run``.

@@ -14,15 +14,20 @@ def lines(datagram: bytes) -> list[str]:
     return datagram.decode().split("\n")
 
 
-def gauges(datagram: bytes) -> dict[str, float]:
-    """Parse a datagram of gauges (``name:value|g`` lines) into a dict."""
+def metrics(datagram: bytes) -> dict[str, tuple[float, str]]:
+    """Parse a datagram of gauges and counters (``name:value|g``, ``name:value|c``)."""
     result = {}
     for line in lines(datagram):
         name, _, rest = line.partition(":")
         value, _, kind = rest.partition("|")
-        assert kind == "g", line
-        result[name] = float(value)
+        assert kind in ("g", "c"), line
+        result[name] = (float(value), kind)
     return result
+
+
+def gauges(datagram: bytes) -> dict[str, float]:
+    """Parse a datagram of gauges and counters into a dict: each counter's value is its increase."""
+    return {name: value for name, (value, _) in metrics(datagram).items()}
 
 
 class StatsdServer:
@@ -41,12 +46,16 @@ class StatsdServer:
         assert readable, f"no datagram within {DEADLINE} s"
         return self.sock.recv(65535)
 
+    async def akinds(self) -> dict[str, tuple[float, str]]:
+        """The values and kinds (``"g"``, ``"c"``) of the next datagram, by name."""
+        return metrics(await self.areceive())
+
     async def areceive(self) -> bytes:
         """The next datagram, awaited on the running loop."""
         return await asyncio.get_running_loop().sock_recv(self.sock, 65535)
 
     async def areport(self) -> dict[str, float]:
-        """The gauges of the next datagram, by name."""
+        """The values of the next datagram, by name (a counter's: its increase)."""
         return gauges(await self.areceive())
 
     def pending(self) -> bool:

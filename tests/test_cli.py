@@ -7,26 +7,28 @@ command must make ``cli_workers`` importable itself, in workers too.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import io
 import json
 import os
 import pty
+import select
 import signal
 import subprocess
 import sys
 import types
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
 import looppool
 from cli_workers import leftover_processes
-from looppool import _cli
+from looppool import _cli, _console
 
 TESTS = Path(__file__).resolve().parent
 SRC = Path(looppool.__file__).resolve().parent.parent
@@ -187,41 +189,83 @@ def test_run_module_failing_at_import_is_reported(tmp_path: Path) -> None:
     )
 
 
-def test_run_bad_json_names_the_line() -> None:
-    """Input that is not JSON stops the run with exit 2 and the line's number."""
+def test_run_bad_json_line_is_named_skipped_and_counted() -> None:
+    """A line that is not JSON is named on stderr and skipped; the others run; exit 1."""
     proc = looppool_cmd("run", "cli_workers:Echo", "-n", "1", stdin='1\n\n{"a": oops}\n4\n')
-    assert proc.returncode == 2
-    assert "line 3 of <stdin> is not valid JSON: Expecting value (column 7)" in error_line(
-        proc.stderr
+    assert proc.returncode == 1
+    assert sorted(json_lines(proc.stdout)) == [1, 4]
+    first, summary = proc.stderr.splitlines()
+    assert (
+        first == "looppool: line 3 of <stdin> skipped: not valid JSON: Expecting value (column 7)"
+    )
+    assert summary.startswith(
+        "looppool: 2 messages: 2 processed, 0 failed, 0 lost; 1 bad line skipped; 2 lines written"
     )
 
 
 def test_run_bad_json_in_a_file_names_the_file(tmp_path: Path) -> None:
-    """The error names the input file and the line."""
+    """The skipped line is named with the input file; bad UTF-8 is a bad line too."""
     source = tmp_path / "bad.jsonl"
-    source.write_text("1\n2\nnot json\n")
+    source.write_bytes(b'1\n2\nnot json\n"\xff"\n')
     proc = looppool_cmd("run", "cli_workers:Echo", "-i", str(source))
-    assert proc.returncode == 2
-    assert f"line 3 of {source} is not valid JSON" in error_line(proc.stderr)
+    assert proc.returncode == 1
+    assert f"looppool: line 3 of {source} skipped: not valid JSON" in proc.stderr
+    assert f"looppool: line 4 of {source} skipped: not valid UTF-8" in proc.stderr
+    assert "2 messages: 2 processed, 0 failed, 0 lost; 2 bad lines skipped" in proc.stderr
+
+
+def test_run_bad_line_in_the_middle_loses_none_of_the_rest() -> None:
+    """One bad line among 2,000: the 1,999 others are all processed and all written."""
+    lines = [f"{i}\n" for i in range(2000)]
+    lines[1000] = "{oops\n"
+    proc = looppool_cmd("run", "cli_workers:Echo", "-n", "2", stdin="".join(lines))
+    assert proc.returncode == 1
+    assert sorted(json_lines(proc.stdout)) == [i for i in range(2000) if i != 1000]
+    assert "looppool: line 1001 of <stdin> skipped: not valid JSON" in proc.stderr
+    assert "1,999 messages: 1,999 processed, 0 failed, 0 lost; 1 bad line skipped" in proc.stderr
+
+
+def test_run_names_the_first_20_bad_lines_and_counts_the_rest() -> None:
+    """Input that is mostly not JSON does not flood stderr: 20 lines named, all counted."""
+    stdin = "".join(f"bad {i}\n" for i in range(50)) + "7\n"
+    proc = looppool_cmd("run", "cli_workers:Echo", "-n", "1", stdin=stdin)
+    assert proc.returncode == 1
+    assert json_lines(proc.stdout) == [7]
+    named = [line for line in proc.stderr.splitlines() if " skipped: " in line]
+    assert len(named) == 20
+    assert named[-1].startswith("looppool: line 20 of <stdin> skipped")
+    assert "looppool: more bad lines are counted in the summary, not named" in proc.stderr
+    assert "1 message: 1 processed, 0 failed, 0 lost; 50 bad lines skipped" in proc.stderr
 
 
 def test_run_result_not_json_serialisable() -> None:
-    """A result JSON cannot write stops the run with exit 2 and says why."""
+    """A result JSON cannot write: said at once, the run stops, the rest is written; exit 2."""
     proc = looppool_cmd("run", "cli_workers:Unserialisable", "-n", "1", stdin='"set"\n')
     assert proc.returncode == 2
-    assert (
-        "result 1 is not JSON-serialisable: TypeError: Object of type set is not JSON serializable"
-        in error_line(proc.stderr)
+    first, *stopping, summary = proc.stderr.splitlines()
+    # While the message is still in flight, the stop says it waits for it.
+    assert stopping in ([], ["looppool: stopping: waiting for 1 message; Ctrl-C to kill"])
+    assert first == (
+        "looppool: error: result 1 is not JSON-serialisable: "
+        "TypeError: Object of type set is not JSON serializable"
+    )
+    assert summary.startswith(
+        "looppool: stopped by an error, input read to line 1 of <stdin>: 1 message: 1 processed"
     )
 
 
 def test_run_ordered_reply_not_json_serialisable() -> None:
-    """With --ordered the error names the input line whose reply cannot be written."""
+    """With --ordered the error names the input line; the replies before it are written."""
     proc = looppool_cmd(
         "run", "cli_workers:Unserialisable", "--ordered", "-n", "1", stdin='1\n"set"\n'
     )
     assert proc.returncode == 2
-    assert "the reply to line 2 is not JSON-serialisable: TypeError" in error_line(proc.stderr)
+    assert json_lines(proc.stdout) == [1]
+    first, *_, summary = proc.stderr.splitlines()
+    assert first.startswith(
+        "looppool: error: the reply to line 2 is not JSON-serialisable: TypeError"
+    )
+    assert "stopped by an error" in summary
 
 
 def test_run_worker_that_fails_to_start() -> None:
@@ -292,34 +336,282 @@ def test_progress_bar_is_drawn_when_stderr_is_a_terminal(tmp_path: Path) -> None
     assert leftover_processes(marker) == []
 
 
-def test_ctrl_c_stops_the_run_at_once() -> None:
-    """SIGINT while waiting for input: the pool stops, exit 130, nothing left running."""
-    marker = uuid.uuid4().hex
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "looppool", "run", "cli_workers:Echo", "-n", "2"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=TESTS,
-        env=command_env(marker),
-    )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    assert proc.stderr is not None
+class Lines:
+    """Reads a pipe line by line; each wait is bounded by DEADLINE (select), none sleeps."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.fd = stream.fileno()
+        self.buffer = b""
+        self.seen: list[str] = []
+
+    def next(self) -> str | None:
+        """The next line, or None at the end of the stream."""
+        while b"\n" not in self.buffer:
+            ready, _, _ = select.select([self.fd], [], [], DEADLINE)
+            assert ready, f"no line within {DEADLINE} s; read so far: {self.seen}"
+            data = os.read(self.fd, 65536)
+            if not data:
+                if not self.buffer:
+                    return None
+                data = b"\n"  # a last line without its newline
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        self.seen.append(line.decode())
+        return self.seen[-1]
+
+    def until(self, text: str) -> str:
+        """Read up to the first line that contains ``text``, and return that line."""
+        while True:
+            line = self.next()
+            assert line is not None, f"{text!r} never came; read: {self.seen}"
+            if text in line:
+                return line
+
+    def rest(self) -> list[str]:
+        """Every line left, up to the end of the stream."""
+        lines = []
+        while (line := self.next()) is not None:
+            lines.append(line)
+        return lines
+
+
+class Command:
+    """``python -m looppool ARGS`` running in the background, with its three pipes."""
+
+    def __init__(self, *args: str) -> None:
+        self.marker = uuid.uuid4().hex
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "looppool", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=TESTS,
+            env=command_env(self.marker),
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stderr is not None
+        self.out = Lines(self.proc.stdout)
+        self.err = Lines(self.proc.stderr)
+
+    def send(self, *messages: Any) -> None:
+        """Write ``messages`` as JSON lines on the command's stdin, which stays open."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("".join(json.dumps(m) + "\n" for m in messages).encode())
+        self.proc.stdin.flush()
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the command (its workers ignore SIGINT and SIGTERM anyway)."""
+        self.proc.send_signal(signum)
+
+    def wait(self) -> int:
+        """The exit status; fails the test if the command takes longer than DEADLINE."""
+        return self.proc.wait(timeout=DEADLINE)
+
+    def close(self) -> list[int]:
+        """Kill the command if it still runs; return the processes it left behind."""
+        self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return leftover_processes(self.marker)
+
+
+@pytest.fixture
+def command() -> Iterator[Callable[..., Command]]:
+    """Start commands in the background; kill them and check for left-overs at teardown."""
+    started: list[Command] = []
+
+    def start(*args: str) -> Command:
+        started.append(Command(*args))
+        return started[-1]
+
+    yield start
+    assert [pid for cmd in started for pid in cmd.close()] == []
+
+
+def release(fifo: Path) -> None:
+    """Let the worker holding a message on ``fifo`` go on (its end is open already)."""
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
     try:
-        proc.stdin.write(b'"first"\n')
-        proc.stdin.flush()
-        # Its result is written (and flushed) while stdin stays open: the pool runs.
-        assert proc.stdout.readline() == b'"first"\n'
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=DEADLINE) == 130
-        assert b"looppool: interrupted" in proc.stderr.read()
+        os.write(fd, b"go\n")
     finally:
-        proc.kill()
-        proc.wait()
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            stream.close()
-    assert leftover_processes(marker) == []
+        os.close(fd)
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    """A named pipe, for a Held worker to wait on."""
+    path = tmp_path / "gate"
+    os.mkfifo(path)
+    return path
+
+
+def test_ctrl_c_while_waiting_for_input_stops_the_run_at_once(
+    command: Callable[..., Command],
+) -> None:
+    """SIGINT while the command waits for input: it stops, sums up, exits 130."""
+    cmd = command("run", "cli_workers:Echo", "-n", "2")
+    cmd.send("first")
+    # Its result is written (and flushed) while stdin stays open: the pool runs.
+    assert cmd.out.next() == '"first"'
+    cmd.signal(signal.SIGINT)
+    assert cmd.wait() == 130
+    assert cmd.err.next() == "looppool: Ctrl-C: stopping: no message in flight"
+    [summary] = cmd.err.rest()
+    assert summary.startswith(
+        "looppool: stopped by Ctrl-C, input read to line 1 of <stdin>: 1 message: "
+        "1 processed, 0 failed, 0 lost; 0 bad lines skipped; 1 line written in "
+    )
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_first_ctrl_c_says_what_it_waits_for_and_the_second_kills(
+    command: Callable[..., Command], loop: str
+) -> None:
+    """A stuck SafeWorker handler: Ctrl-C says it waits for 1 message; Ctrl-C again kills it."""
+    cmd = command("run", "cli_workers:Held", "-n", "1", "--loop", loop)
+    cmd.send(1, 2, {"hold": 3})
+    assert sorted([cmd.out.next(), cmd.out.next()]) == ["1", "2"]
+    cmd.err.until("holding 3")
+    cmd.signal(signal.SIGINT)
+    assert cmd.err.next() == (
+        "looppool: Ctrl-C: stopping: waiting for 1 message; Ctrl-C again to kill"
+    )
+    cmd.signal(signal.SIGINT)
+    assert cmd.err.next() == "looppool: Ctrl-C: killing the workers"
+    assert cmd.wait() == 130
+    assert cmd.out.rest() == []
+    assert cmd.err.rest()[-1].startswith(
+        "looppool: stopped by Ctrl-C, input read to line 3 of <stdin>: 3 messages: "
+        "2 processed, 0 failed, 1 lost; 0 bad lines skipped; 2 lines written in "
+    )
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_sigterm_stops_like_ctrl_c_flushes_and_exits_143(
+    command: Callable[..., Command], fifo: Path, loop: str
+) -> None:
+    """SIGTERM: said at once; queued messages do not start, the one in flight ends; exit 143."""
+    cmd = command("run", "cli_workers:Held", "-n", "1", "--concurrency", "1", "--loop", loop)
+    cmd.send(1, {"hold": 2, "fifo": str(fifo)}, 3, 4)
+    assert cmd.out.next() == "1"
+    cmd.err.until("holding 2")  # 3 and 4 wait in the pool's queue (concurrency 1)
+    cmd.signal(signal.SIGTERM)
+    assert cmd.err.next() == (
+        "looppool: SIGTERM: stopping: waiting for 1 message; SIGTERM or Ctrl-C again to kill"
+    )
+    release(fifo)
+    assert cmd.wait() == 143
+    assert cmd.out.rest() == ["2"]
+    assert cmd.err.rest()[-1].startswith(
+        "looppool: stopped by SIGTERM, input read to line 4 of <stdin>: 4 messages: "
+        "2 processed, 0 failed, 2 lost; 0 bad lines skipped; 2 lines written in "
+    )
+
+
+def test_ctrl_c_cancels_what_a_plain_worker_holds(command: Callable[..., Command]) -> None:
+    """A plain Worker: the first Ctrl-C cancels the messages in flight and says so."""
+    cmd = command("run", "cli_workers:HeldPlain", "-n", "1")
+    cmd.send({"hold": 1})
+    cmd.err.until("holding 1")
+    cmd.signal(signal.SIGINT)
+    assert cmd.err.next() == (
+        "looppool: Ctrl-C: stopping: cancelling 1 message; Ctrl-C again to kill"
+    )
+    assert cmd.wait() == 130
+    assert cmd.err.rest()[-1].startswith(
+        "looppool: stopped by Ctrl-C, input read to line 1 of <stdin>: 1 message: "
+        "0 processed, 0 failed, 1 lost;"
+    )
+
+
+def test_ctrl_c_while_the_workers_start(command: Callable[..., Command]) -> None:
+    """Ctrl-C before the pool has started: the workers are ended, exit 130."""
+    cmd = command("run", "cli_workers:SlowStart", "-n", "2")
+    cmd.err.until("initialising")
+    cmd.signal(signal.SIGINT)
+    assert cmd.err.until("stopping") == "looppool: Ctrl-C: stopping"
+    assert cmd.wait() == 130
+    assert cmd.err.rest()[-1].startswith(
+        "looppool: stopped by Ctrl-C before reading any input: 0 messages: "
+    )
+
+
+def test_ordered_ctrl_c_writes_the_replies_computed_behind_a_slow_line(
+    command: Callable[..., Command], fifo: Path
+) -> None:
+    """--ordered: replies finished behind a held first line are written, in order, after Ctrl-C."""
+    cmd = command("run", "cli_workers:Held", "--ordered", "-n", "1")
+    cmd.send({"hold": 1, "fifo": str(fifo)}, 2, 3)
+    cmd.err.until("holding 1")
+    cmd.signal(signal.SIGINT)
+    assert cmd.err.next().startswith("looppool: Ctrl-C: stopping: waiting for ")
+    release(fifo)
+    assert cmd.wait() == 130
+    assert cmd.out.rest() == ["1", "2", "3"]
+    assert cmd.err.rest()[-1].startswith(
+        "looppool: stopped by Ctrl-C, input read to line 3 of <stdin>: 3 messages: "
+        "3 processed, 0 failed, 0 lost;"
+    )
+
+
+def test_ordered_kill_writes_replies_up_to_the_first_line_not_processed(
+    command: Callable[..., Command],
+) -> None:
+    """--ordered, killed: replies up to the lost line are written; the gap is named."""
+    cmd = command("run", "cli_workers:Held", "--ordered", "-n", "1")
+    cmd.send(1, 2, {"hold": 3})
+    assert [cmd.out.next(), cmd.out.next()] == ["1", "2"]
+    cmd.err.until("holding 3")
+    cmd.signal(signal.SIGINT)
+    cmd.err.until("stopping: waiting for 1 message")
+    cmd.signal(signal.SIGINT)
+    assert cmd.wait() == 130
+    assert cmd.out.rest() == []
+    rest = cmd.err.rest()
+    assert (
+        "looppool: --ordered: line 3 was not processed: replies are written up to the line "
+        "before it; 0 later replies are left out, to keep the input order"
+    ) in rest
+    assert rest[-1].startswith(
+        "looppool: stopped by Ctrl-C, input read to line 3 of <stdin>: 3 messages: "
+        "2 processed, 0 failed, 1 lost;"
+    )
+
+
+async def turn() -> None:
+    """Return once the callbacks already scheduled on the loop have run."""
+    loop = asyncio.get_running_loop()
+    turned = loop.create_future()
+    loop.call_soon(turned.set_result, None)
+    await turned
+
+
+@pytest.mark.asyncio
+async def test_ordered_replies_in_order_failures_named_and_the_gap_after_a_stop() -> None:
+    """Replies are written in input order; a failure is named; after a stop, a gap ends it."""
+    stream, err, errors = io.StringIO(), io.StringIO(), []
+    replies = _cli._OrderedReplies(_cli._Output(stream), err, errors.append, window=10)
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(6)]
+    for lineno, future in enumerate(futures, 1):
+        replies.add(lineno, future)
+    futures[1].set_result("two")  # behind line 1: waits
+    await turn()
+    assert stream.getvalue() == ""
+    futures[0].set_result("one")
+    futures[2].set_exception(ValueError("bad three"))
+    await turn()
+    assert stream.getvalue() == '"one"\n"two"\n'
+    assert err.getvalue() == "looppool: line 3 failed: ValueError: bad three\n"
+    replies.stopping = True
+    futures[4].set_result("five")
+    futures[5].set_exception(looppool.WorkerLost(0, 123, -9))
+    futures[3].set_exception(looppool.PoolClosed("dropped by the stop"))
+    await turn()
+    assert stream.getvalue() == '"one"\n"two"\n'
+    assert (replies.gap, replies.left_out(), errors) == (4, 1, [])
 
 
 # -- main() in this process ------------------------------------------------
@@ -452,11 +744,11 @@ async def test_read_messages_bad_line_raises_cli_error() -> None:
 
 def test_progress_bar_renders_count_rate_and_eta() -> None:
     """The bar's text: done/total, percentage, rate, ETA; without a total: count and rate."""
-    bar = _cli.ProgressBar(io.StringIO(), total=200, enabled=True)
+    bar = _console.ProgressBar(io.StringIO(), total=200, enabled=True)
     bar.done = 50
     text = bar.render(bar._started + 10.0)
     assert text.startswith("50/200 [#####...............]  25%  5 messages/s  ETA 0:30")
-    bar = _cli.ProgressBar(io.StringIO(), unit="pages", enabled=True)
+    bar = _console.ProgressBar(io.StringIO(), unit="pages", enabled=True)
     bar.done = 1234
     assert bar.render(bar._started + 2.0) == "1,234 pages  617 pages/s  0:02"
 
@@ -464,7 +756,7 @@ def test_progress_bar_renders_count_rate_and_eta() -> None:
 def test_progress_bar_is_silent_off_a_terminal() -> None:
     """Not a terminal: update() and close() write nothing."""
     stream = io.StringIO()
-    bar = _cli.ProgressBar(stream, total=10)
+    bar = _console.ProgressBar(stream, total=10)
     assert not bar.enabled
     bar.update(5)
     bar.close()

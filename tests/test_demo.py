@@ -15,7 +15,7 @@ import pytest
 import looppool
 from cli_workers import leftover_processes, process_is_gone
 from looppool import _demo
-from looppool._cli import ProgressBar
+from looppool._console import ProgressBar
 
 pytest.importorskip("aiohttp")
 

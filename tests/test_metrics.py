@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import pytest
 
 from looppool.metrics import BlockingDetector, ResourceReporter, StatsdClient
-from statsd_server import StatsdServer, lines
+from statsd_server import StatsdServer, lines, metrics
 
 T = TypeVar("T")
 
@@ -113,6 +113,14 @@ def test_incr_and_timing(server: StatsdServer, client: StatsdClient) -> None:
     assert [server.receive() for _ in range(3)] == [b"hits:1|c", b"hits:5|c", b"fetch:12.5|ms"]
 
 
+def test_send_puts_gauges_and_counters_in_one_datagram(server: StatsdServer) -> None:
+    """send() sends the gauges' lines, then the counters' (``|c``), in one datagram."""
+    with StatsdClient("127.0.0.1", server.port, prefix="app") as client:
+        client.send({"rss": 10, "lag": 0.5}, {"processed": 7, "failed": 0})
+    assert server.receive() == b"app.rss:10|g\napp.lag:0.5|g\napp.processed:7|c\napp.failed:0|c"
+    assert (client.sent, client.dropped) == (4, 0)
+
+
 def test_gauges_are_batched_under_the_datagram_limit(server: StatsdServer) -> None:
     """gauges() packs lines into as few datagrams as fit in max_datagram, in order."""
     values = {f"metric.number.{i}": i for i in range(100)}
@@ -188,23 +196,32 @@ def test_pickled_copy_opens_its_own_socket(server: StatsdServer, client: StatsdC
 RESOURCE_METRICS = {"cpu", "rss", "maxrss", "loop.lag", "loop.tasks"}
 
 
+CUMULATIVE = ("messages.processed", "messages.failed")
+
+
 def test_reporter_sends_every_metric_in_one_datagram(
     run: Callable[[Coroutine[Any, Any, None]], None], server: StatsdServer, client: StatsdClient
 ) -> None:
-    """A report has cpu, rss, maxrss, loop gauges and the counters, under the prefix."""
+    """A report has cpu, rss, maxrss, loop gauges and counters() (totals as |c), prefixed."""
 
     def counters() -> dict[str, float]:
         return {"messages.in_flight": 2, "messages.processed": 40, "messages.failed": 1}
 
     async def main() -> None:
-        async with ResourceReporter(client, "app.w.0", 0.01, counters=counters) as reporter:
-            report = await server.areport()
+        async with ResourceReporter(
+            client, "app.w.0", 0.01, counters=counters, cumulative=CUMULATIVE
+        ) as reporter:
+            kinds = await server.akinds()
             asyncio_loop = hasattr(asyncio.get_running_loop(), "_ready")
         expected = RESOURCE_METRICS | set(counters())
         if asyncio_loop:  # uvloop does not expose its queues
             expected |= {"loop.ready", "loop.timers"}
-        assert report.keys() == {f"app.w.0.{name}" for name in expected}
-        assert report["app.w.0.messages.processed"] == 40
+        assert kinds.keys() == {f"app.w.0.{name}" for name in expected}
+        counted = {name for name, (_, kind) in kinds.items() if kind == "c"}
+        assert counted == {f"app.w.0.{name}" for name in CUMULATIVE}
+        report = {name: value for name, (value, _) in kinds.items()}
+        assert report["app.w.0.messages.processed"] == 40  # the first report: all of it
+        assert report["app.w.0.messages.in_flight"] == 2
         assert report["app.w.0.rss"] > 0
         assert report["app.w.0.maxrss"] >= report["app.w.0.rss"]
         assert report["app.w.0.cpu"] >= 0
@@ -239,8 +256,8 @@ def test_reporter_with_a_down_server_goes_on(
             self.third_report: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.reports = 0
 
-        def gauges(self, values: Any) -> None:
-            super().gauges(values)
+        def send(self, values: Any, counts: Any = None) -> None:
+            super().send(values, counts)
             self.reports += 1
             if self.reports == 3:
                 self.third_report.set_result(None)
@@ -288,6 +305,106 @@ def test_reporter_accepts_duck_typed_clients(
         assert all(isinstance(value, float) for value in report.values())
 
     run(main())
+
+
+def test_cumulative_totals_are_sent_as_their_increase(
+    run: Callable[[Coroutine[Any, Any, None]], None], server: StatsdServer, client: StatsdClient
+) -> None:
+    """Each report adds what a running total grew by; after a restart (a drop), the new total."""
+    totals = iter([5, 8, 8, 3, 4])
+
+    def counters() -> dict[str, float]:
+        return {"done": next(totals), "busy": 1}
+
+    async def main() -> None:
+        reporter = ResourceReporter(client, "w", 60.0, counters=counters, cumulative={"done"})
+        reporter.start()
+        try:
+            reports = [reporter.report() for _ in range(5)]
+        finally:
+            await reporter.stop()
+        assert [r["w.done"] for r in reports] == [5, 3, 0, 3, 1]
+        assert all(r["w.busy"] == 1 for r in reports)
+        sent = [metrics(server.receive()) for _ in range(5)]
+        assert [m["w.done"] for m in sent] == [(5, "c"), (3, "c"), (0, "c"), (3, "c"), (1, "c")]
+        assert all(m["w.busy"] == (1, "g") for m in sent)
+
+    run(main())
+
+
+class CountingRecorder:
+    """A duck-typed client with gauge() and a counter method named ``method``."""
+
+    def __init__(self, method: str) -> None:
+        self.gauges: dict[str, float] = {}
+        self.counts: list[tuple[str, float]] = []
+        setattr(self, method, lambda name, value: self.counts.append((name, value)))
+
+    def gauge(self, name: str, value: float) -> None:
+        """Record a gauge."""
+        self.gauges[name] = value
+
+
+@pytest.mark.parametrize("method", ["incr", "increment", "send_counter"])
+def test_duck_typed_clients_get_counters_through_their_counter_method(
+    run: Callable[[Coroutine[Any, Any, None]], None], method: str
+) -> None:
+    """incr/increment/send_counter(name, value) receive the increases; gauge() the rest."""
+    totals = iter([2, 6])
+
+    def counters() -> dict[str, float]:
+        return {"done": next(totals)}
+
+    async def main() -> None:
+        recorder = CountingRecorder(method)
+        reporter = ResourceReporter(
+            recorder,  # type: ignore[arg-type]
+            "p",
+            60.0,
+            counters=counters,
+            cumulative=["done"],
+        )
+        reporter.start()
+        try:
+            reporter.report()
+            reporter.report()
+        finally:
+            await reporter.stop()
+        assert recorder.counts == [("p.done", 2), ("p.done", 4)]
+        assert "p.done" not in recorder.gauges
+        assert {name.removeprefix("p.") for name in recorder.gauges} >= RESOURCE_METRICS
+
+    run(main())
+
+
+def test_a_client_without_counters_gets_totals_as_gauges(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    """A client with gauge() only receives each running total itself, as a gauge."""
+    totals = iter([2, 6])
+
+    def counters() -> dict[str, float]:
+        return {"done": next(totals)}
+
+    async def main() -> None:
+        received: list[tuple[str, float]] = []
+        client = types.SimpleNamespace(gauge=lambda name, value: received.append((name, value)))
+        reporter = ResourceReporter(client, "p", 60.0, counters=counters, cumulative=["done"])
+        reporter.start()
+        try:
+            assert reporter.report()["p.done"] == 2
+            assert reporter.report()["p.done"] == 6
+        finally:
+            await reporter.stop()
+        assert [value for name, value in received if name == "p.done"] == [2, 6]
+
+    run(main())
+
+
+def test_cumulative_must_be_names_not_one_string(client: StatsdClient) -> None:
+    """cumulative="name" (a string, whose letters would be the names) is a TypeError."""
+    with pytest.raises(TypeError, match=r"write cumulative=\['messages.processed'\]"):
+        ResourceReporter(client, "p", cumulative="messages.processed")
 
 
 def test_reporter_rejects_what_is_not_a_client() -> None:
@@ -420,20 +537,27 @@ def test_reporter_start_off_the_loop_thread_is_refused(
 def test_reporter_sends_through_aiostatsd(
     run: Callable[[Coroutine[Any, Any, None]], None], server: StatsdServer
 ) -> None:
-    """An aiostatsd client gets the gauges as integers (cystatsd carries C ints only)."""
+    """An aiostatsd client gets the gauges and counters as integers (cystatsd carries C ints)."""
+
+    def counters() -> dict[str, float]:
+        return {"done": 3}
 
     async def main() -> None:
         statsd = aiostatsd.client.StatsdClient("127.0.0.1", server.port, flush_interval=0.01)
         task = asyncio.create_task(statsd.run())
         try:
-            async with ResourceReporter(statsd, "aio", 0.01):
-                report = await server.areport()
+            async with ResourceReporter(
+                statsd, "aio", 0.01, counters=counters, cumulative=["done"]
+            ):
+                kinds = await server.akinds()
         finally:
             await statsd.stop()
             await task
+        report = {name: value for name, (value, _) in kinds.items()}
         assert {name.removeprefix("aio.") for name in report} >= RESOURCE_METRICS
         assert all(value == int(value) for value in report.values())
         assert report["aio.rss"] > 0
+        assert kinds["aio.done"] == (3, "c")
 
     run(main())
 

@@ -276,8 +276,8 @@ def test_monitor_with_a_down_server_disturbs_nothing(
             super().__init__(*args)
             self.refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        def gauges(self, values: Any) -> None:
-            super().gauges(values)
+        def send(self, values: Any, counts: Any = None) -> None:
+            super().send(values, counts)
             if self.dropped >= 2 * len(values) and not self.refused.done():
                 self.refused.set_result(None)
 

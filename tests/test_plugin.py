@@ -78,23 +78,24 @@ def write_tests(pytester: pytest.Pytester, mode: str, body: str) -> None:
 MODES = ["strict", "auto"]
 
 
-# -- looppool_factory ------------------------------------------------------------------
+# -- pool_factory (and its first name, looppool_factory) ------------------------------
 
 
+@pytest.mark.parametrize("fixture", ["pool_factory", "looppool_factory"])
 @pytest.mark.parametrize("mode", MODES)
-def test_looppool_factory_gives_started_pools_stopped_at_teardown(
-    inner: pytest.Pytester, mode: str
+def test_pool_factory_gives_started_pools_stopped_at_teardown(
+    inner: pytest.Pytester, mode: str, fixture: str
 ) -> None:
-    """The fixture returns a started looppool.Pool, and its teardown stops every pool."""
+    """The fixture (either name) returns a started looppool.Pool; teardown stops every pool."""
     write_ini(inner, mode)
     write_tests(
         inner,
         mode,
-        """
+        f"""
         @MARK
-        async def test_factory(looppool_factory):
-            pool = await looppool_factory(Echo, size=2)
-            other = await looppool_factory(Echo, size=1)
+        async def test_factory({fixture}):
+            pool = await {fixture}(Echo, size=2)
+            other = await {fixture}(Echo, size=1)
             pools.extend([pool, other])
             assert isinstance(pool, looppool.Pool)
             assert [await pool.submit(m) for m in "ab"] == [(0, "a"), (1, "b")]
@@ -107,6 +108,53 @@ def test_looppool_factory_gives_started_pools_stopped_at_teardown(
                 assert not any(pool.pids)
                 with pytest.raises(looppool.PoolClosed):
                     pool.put_nowait(1)
+        """,
+    )
+    result = inner.runpytest(*_plugin_args())
+    result.assert_outcomes(passed=2)
+
+
+def test_both_names_in_one_test_are_separate_fixtures(inner: pytest.Pytester) -> None:
+    """pool_factory and looppool_factory in one test each make and stop their own pools."""
+    write_ini(inner, "auto")
+    write_tests(
+        inner,
+        "auto",
+        """
+        async def test_both(pool_factory, looppool_factory):
+            pools.append(await pool_factory(Echo, size=1))
+            pools.append(await looppool_factory(Echo, size=1))
+            assert [await pool.submit("x") for pool in pools] == [(0, "x"), (0, "x")]
+
+        def test_both_were_stopped():
+            assert all("stopped" in repr(pool) for pool in pools)
+        """,
+    )
+    result = inner.runpytest(*_plugin_args())
+    result.assert_outcomes(passed=2)
+
+
+def test_a_project_fixture_named_pool_factory_wins(inner: pytest.Pytester) -> None:
+    """A project's own pool_factory (a database pool, say) overrides the plugin's."""
+    write_ini(inner, "auto")
+    inner.makeconftest(
+        """
+        import pytest
+
+        @pytest.fixture
+        def pool_factory():
+            return "the project's own"
+        """
+    )
+    write_tests(
+        inner,
+        "auto",
+        """
+        def test_own(pool_factory):
+            assert pool_factory == "the project's own"
+
+        async def test_plugin_name_still_there(looppool_factory):
+            assert isinstance(await looppool_factory(Echo, size=1), looppool.Pool)
         """,
     )
     result = inner.runpytest(*_plugin_args())
@@ -144,27 +192,47 @@ def test_options_are_the_factory_defaults(
         "strict",
         f"""
         @MARK
-        async def test_options(looppool_factory):
-            pool = await looppool_factory(Echo, size=1)
+        async def test_options(pool_factory):
+            pool = await pool_factory(Echo, size=1)
             assert (pool.loop_kind, pool.start_method) == {expected!r}
             assert await pool.submit("x") == (0, "x")
-            explicit = await looppool_factory(Echo, size=1, loop="asyncio", start_method="fork")
+            explicit = await pool_factory(Echo, size=1, loop="asyncio", start_method="fork")
             assert (explicit.loop_kind, explicit.start_method) == ("asyncio", "fork")
         """,
     )
     result = inner.runpytest(*_plugin_args(), *args)
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(
-        [f"looppool: loop={'auto' if expected[0] == 'uvloop' else 'asyncio'}*"]
-    )
 
 
 def test_report_header_shows_the_options(inner: pytest.Pytester) -> None:
-    """The run's header names the loop, start method and stop timeout in effect."""
+    """With an option set, the run's header names the loop, start method and stop timeout."""
     write_ini(inner, "strict", looppool_stop_timeout="2.5")
     write_tests(inner, "strict", "")
     result = inner.runpytest(*_plugin_args(), "--looppool-start-method=spawn")
     result.stdout.fnmatch_lines(["looppool: loop=auto, start_method=spawn, stop_timeout=2.5s"])
+
+
+@pytest.mark.parametrize(
+    ("args", "ini", "header"),
+    [
+        ([], {}, None),
+        ([], {"looppool_loop": "asyncio"}, "looppool: loop=asyncio, start_method=platform*"),
+        (["--looppool-stop-timeout=3"], {}, "looppool: loop=auto, *stop_timeout=3s"),
+    ],
+    ids=["no-option", "ini", "command-line"],
+)
+def test_report_header_only_when_an_option_is_set(
+    inner: pytest.Pytester, args: list[str], ini: dict[str, str], header: str | None
+) -> None:
+    """Runs that set no looppool option (most runs, in any project) get no looppool line."""
+    write_ini(inner, "strict", **ini)
+    write_tests(inner, "strict", "def test_nothing():\n    pass\n")
+    result = inner.runpytest(*_plugin_args(), *args)
+    result.assert_outcomes(passed=1)
+    if header is None:
+        result.stdout.no_fnmatch_line("looppool*")
+    else:
+        result.stdout.fnmatch_lines([header])
 
 
 @pytest.mark.parametrize(
@@ -212,8 +280,8 @@ def test_stop_timeout_kills_a_hanging_worker_at_teardown(inner: pytest.Pytester)
         "strict",
         """
         @MARK
-        async def test_hang(looppool_factory):
-            pool = await looppool_factory(Hangs, size=1)
+        async def test_hang(pool_factory):
+            pool = await pool_factory(Hangs, size=1)
             pools.append(pool)
             await pool.put("forever")
 
@@ -306,7 +374,7 @@ def test_inline_stop_timeout_cancels_a_hanging_handler(inner: pytest.Pytester) -
     result.assert_outcomes(passed=2)
 
 
-@pytest.mark.parametrize("fixture", ["looppool_factory", "inline_pool_factory"])
+@pytest.mark.parametrize("fixture", ["pool_factory", "looppool_factory", "inline_pool_factory"])
 def test_a_test_on_another_loop_than_the_fixture_fails_clearly(
     inner: pytest.Pytester, fixture: str
 ) -> None:
@@ -339,6 +407,7 @@ def test_importing_the_plugin_starts_nothing_and_needs_no_pytest(inner: pytest.P
         assert "psutil" not in sys.modules, "psutil imported"
         assert threading.active_count() == 1, threading.enumerate()
         assert multiprocessing.active_children() == []
+        assert not hasattr(looppool.testing, "pool_factory")
         assert not hasattr(looppool.testing, "looppool_factory")
 
         class AddOne(looppool.Worker):

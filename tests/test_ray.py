@@ -676,10 +676,12 @@ async def test_actors_send_statsd_gauges_named_as_in_pool(
             # Waits on the socket, with a deadline: reports come every 50 ms.
             async with asyncio.timeout(DEADLINE):
                 while not gauges["0"] or gauges["1"].get("messages.processed") != 3:
-                    for name, value in (await statsd_server.areport()).items():
+                    for name, (value, kind) in (await statsd_server.akinds()).items():
                         match = re.fullmatch(r"lpt\.ray\.crawl\.worker\.([01])\.(.+)", name)
                         assert match is not None, name
-                        gauges[match[1]][match[2]] = value
+                        seen = gauges[match[1]]
+                        # Counters (the message counts) carry each report's increase.
+                        seen[match[2]] = value + seen.get(match[2], 0) if kind == "c" else value
     for number in ("0", "1"):
         assert {
             "cpu",
@@ -794,3 +796,10 @@ def test_bench_ray_rows_run_in_a_tiny_configuration(
     assert "the Ray instance this process was already connected to" in out
     assert "looppool-ray ÷ ray-call" in out
     assert ray.is_initialized()  # the bench leaves a connection it did not make alone
+
+
+@pytest.mark.parametrize(("size", "noun"), [(1, "1 actor,"), (2, "2 actors,")])
+def test_ray_pool_repr_counts_actors_in_words(size: int, noun: str) -> None:
+    """A RayPool's repr says "1 actor", "2 actors" (checked before start: no Ray instance)."""
+    pool = RayPool(w.Echo, size, name="echoes")
+    assert f"'echoes' new, {noun} 0 in flight" in repr(pool)

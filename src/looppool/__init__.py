@@ -17,6 +17,12 @@ from ._worker import SafeWorker as SafeWorker
 from ._worker import Worker as Worker
 from ._worker import WorkerFactory as WorkerFactory
 
+#: The version, written only here: the build reads it from this line
+#: (``[tool.hatch.version]`` in pyproject.toml), so the metadata agrees. A
+#: literal rather than ``importlib.metadata.version("looppool")``, which would
+#: name whatever distribution called "looppool" is installed (the unrelated
+#: Tornado package of that name on the package index, say) when this source
+#: tree is imported from a checkout.
 __version__ = "1.0.0.dev0"
 
 __all__ = [

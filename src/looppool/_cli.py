@@ -10,11 +10,23 @@ workers send back as JSON lines::
     stdout / -o FILE ◄── json.dumps ◄── on_result(value)  (--ordered: each reply,
                                                            in input order)
 
+A line that is not JSON is named on stderr (the first 20 of them), skipped,
+and counted; the run goes on. Every run that started its pool ends with one
+summary line on stderr, written after the output is flushed: messages sent
+to the pool, processed, failed and lost, bad lines skipped, lines written;
+after an early stop, what stopped it and the last input line read.
+
+The first Ctrl-C or SIGTERM stops reading, starts no queued message, lets the
+messages in flight finish (``SafeWorker``; a ``Worker`` cancels them) and
+writes what they return; a second one kills the workers. With ``--ordered``,
+replies are then written in input order up to the first message that was not
+processed.
+
 Exit status: 0 when every message was processed; 1 when some message failed
-(its exception is logged with the worker's traceback) or was lost with a dead
-worker; 2 for a mistake in what was asked (a bad ``MODULE:WORKER``, bad JSON
-on a line, a result that is not JSON-serialisable, a worker that failed to
-start); 130 after Ctrl-C.
+(its exception is logged with the worker's traceback), was lost with a dead
+worker, or some line was skipped; 2 for a mistake in what was asked (a bad
+``MODULE:WORKER``, a result that is not JSON-serialisable, a worker that
+failed to start); 130 after Ctrl-C, 143 after SIGTERM.
 """
 
 from __future__ import annotations
@@ -26,39 +38,39 @@ import contextlib
 import importlib
 import json
 import logging
-import math
 import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import Any, Final, Protocol, TextIO
 
-from ._errors import WorkerStartError
+from . import __version__
+from ._console import REDRAW_INTERVAL, CliError, ProgressBar
+from ._console import loop_factory as make_loop_factory
+from ._errors import LooppoolError, PoolClosed, WorkerLost, WorkerStartError
 from ._pool import Pool, PoolStats
 from ._worker import Worker
 
-__all__ = ["CliError", "ProgressBar", "load_worker", "main"]
+__all__ = ["CliError", "load_worker", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 _PROG = "looppool"
 #: Bytes asked of the input stream per read; ``read1`` returns what is there.
 _READ_CHUNK = 1 << 16
 #: Chunks the reader thread may read ahead of the loop (its backpressure).
 _CHUNKS_AHEAD = 4
-#: Seconds between two redraws of the progress bar.
-_REDRAW_INTERVAL = 0.1
 #: ``--ordered`` keeps at most this many submits in flight per worker.
 _ORDERED_WINDOW_PER_WORKER = 256
-
-
-class CliError(Exception):
-    """A mistake in what the command was asked to do: one line, exit status 2."""
+#: Bad input lines named one by one on stderr; the others are only counted.
+_BAD_LINES_SHOWN = 20
 
 
 # ---------------------------------------------------------------------------
@@ -91,6 +103,11 @@ def load_worker(spec: str) -> Callable[[], Worker]:
     ``Worker`` (such as a ``functools.partial``), which is called once here to
     check it. The current directory is importable.
     """
+    return _load_worker(spec)[0]
+
+
+def _load_worker(spec: str) -> tuple[Callable[[], Worker], bool]:
+    """:func:`load_worker`, and whether its workers are ``SafeWorker`` ones."""
     module_name, sep, attr_path = spec.partition(":")
     if not sep or not module_name or not attr_path:
         raise CliError(f"{spec!r} is not MODULE:WORKER (for example mymodule:MyWorker)")
@@ -116,7 +133,7 @@ def load_worker(spec: str) -> Callable[[], Worker]:
             )
         if obj.process_message is Worker.process_message:
             raise CliError(f"{spec} does not override process_message(self, message)")
-        return obj
+        return obj, obj.safe
     if callable(obj):
         try:
             worker = obj()
@@ -128,97 +145,8 @@ def load_worker(spec: str) -> Callable[[], Worker]:
                 "not a looppool.Worker"
             )
         factory: Callable[[], Worker] = obj
-        return factory
+        return factory, worker.safe
     raise CliError(f"{spec} is {type(obj).__name__} {obj!r:.60}, not a looppool.Worker subclass")
-
-
-# ---------------------------------------------------------------------------
-# Progress bar
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-class ProgressBar:
-    """A one-line progress display, drawn only when ``stream`` is a terminal.
-
-    ``update(done)`` redraws at most every 0.1 s; the line shows the count,
-    the mean rate and, when ``total`` is known, a bar, the percentage and the
-    ETA. ``close()`` draws the final state and ends the line. Not a terminal
-    (a pipe, a file, a test's capture): every call does nothing.
-    """
-
-    def __init__(
-        self,
-        stream: TextIO,
-        *,
-        total: int | None = None,
-        unit: str = "messages",
-        enabled: bool | None = None,
-    ) -> None:
-        self.stream = stream
-        self.total = total
-        self.unit = unit
-        if enabled is None:
-            try:
-                enabled = stream.isatty()
-            except (AttributeError, ValueError):
-                enabled = False
-        self.enabled = enabled
-        self.done = 0
-        self._started = time.monotonic()
-        self._drawn_at = -math.inf
-        self._closed = False
-
-    def update(self, done: int) -> None:
-        """Record that ``done`` units are finished; redraw if it is time to."""
-        self.done = done
-        if not self.enabled or self._closed:
-            return
-        now = time.monotonic()
-        if now - self._drawn_at >= _REDRAW_INTERVAL:
-            self._drawn_at = now
-            self._draw(now)
-
-    def close(self) -> None:
-        """Draw the final state and end the line (once)."""
-        if self.enabled and not self._closed:
-            self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
-        self._closed = True
-
-    def render(self, now: float) -> str:
-        """The text of the line at time ``now`` (a ``time.monotonic()`` value)."""
-        elapsed = max(now - self._started, 1e-9)
-        rate = self.done / elapsed
-        if self.total is None or self.total <= 0:
-            return f"{self.done:,} {self.unit}  {rate:,.0f} {self.unit}/s  {_clock(elapsed)}"
-        fraction = min(self.done / self.total, 1.0)
-        eta = (self.total - self.done) / rate if rate > 0 else math.inf
-        eta_text = _clock(eta) if math.isfinite(eta) else "?"
-        width = 20
-        filled = int(fraction * width)
-        bar = "#" * filled + "." * (width - filled)
-        return (
-            f"{self.done:,}/{self.total:,} [{bar}] {fraction:4.0%}  "
-            f"{rate:,.0f} {self.unit}/s  ETA {eta_text}"
-        )
-
-    def _draw(self, now: float) -> None:
-        try:
-            columns = os.get_terminal_size(self.stream.fileno()).columns
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-        if columns < 20:  # unknown (0) or absurdly narrow: assume the classic width
-            columns = 80
-        line = self.render(now)[: max(columns - 1, 10)]
-        self.stream.write("\r" + line + "\x1b[K")
-        self.stream.flush()
 
 
 # ---------------------------------------------------------------------------
@@ -302,22 +230,33 @@ class _ChunkReader:
         self._room.release()
 
 
-def _decode(line: bytes, lineno: int, name: str) -> Any:
+def _decode(line: bytes) -> Any:
+    """The message on ``line``; ``ValueError`` saying why if it is not one."""
     try:
         return json.loads(line)
     except json.JSONDecodeError as exc:
-        raise CliError(
-            f"line {lineno} of {name} is not valid JSON: {exc.msg} (column {exc.colno})"
-        ) from None
+        raise ValueError(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
     except UnicodeDecodeError as exc:
-        raise CliError(f"line {lineno} of {name} is not valid UTF-8: {exc.reason}") from None
+        raise ValueError(f"not valid UTF-8: {exc.reason}") from None
 
 
-async def read_messages(stream: Readable, name: str) -> AsyncGenerator[tuple[int, Any], None]:
-    """Yield ``(line number, message)`` for each non-blank JSON line of ``stream``."""
+async def read_messages(
+    stream: Readable, name: str, on_bad_line: Callable[[int, str], None] | None = None
+) -> AsyncGenerator[tuple[int, Any], None]:
+    """Yield ``(line number, message)`` for each non-blank JSON line of ``stream``.
+
+    A line that is not JSON is passed to ``on_bad_line(line number, why)`` and
+    skipped; without ``on_bad_line`` it raises :class:`CliError`.
+    """
     reader = _ChunkReader(stream, name)
     lineno = 0
     pending: list[bytes] = []
+
+    def bad(lineno: int, why: str) -> None:
+        if on_bad_line is None:
+            raise CliError(f"line {lineno} of {name} is {why}")
+        on_bad_line(lineno, why)
+
     try:
         while chunk := await reader.read():
             if b"\n" not in chunk:
@@ -329,10 +268,20 @@ async def read_messages(stream: Readable, name: str) -> AsyncGenerator[tuple[int
             for line in lines:
                 lineno += 1
                 if line.strip():
-                    yield lineno, _decode(line, lineno, name)
+                    try:
+                        message = _decode(line)
+                    except ValueError as exc:
+                        bad(lineno, str(exc))
+                    else:
+                        yield lineno, message
         last = b"".join(pending)
         if last.strip():
-            yield lineno + 1, _decode(last, lineno + 1, name)
+            try:
+                message = _decode(last)
+            except ValueError as exc:
+                bad(lineno + 1, str(exc))
+            else:
+                yield lineno + 1, message
     finally:
         reader.close()
 
@@ -382,21 +331,41 @@ class _Output:
 
 @dataclass(frozen=True)
 class RunSummary:
-    """What ``looppool run`` did: counts taken from ``pool.stats()``, and the time."""
+    """What ``looppool run`` did: counts taken from ``pool.stats()``, and the time.
+
+    ``messages`` were sent to the pool, ``processed + failed + lost`` of them
+    ended (all of them, once the pool has stopped); ``skipped`` input lines
+    were not valid JSON; ``written`` output lines. ``stopped_by`` says what
+    stopped the run early (``None``: it read its whole input), and
+    ``last_line`` is the last input line it sent to the pool or skipped.
+    """
 
     messages: int
     processed: int
     failed: int
     lost: int
+    skipped: int
     written: int
     elapsed: float
+    input_name: str = "<stdin>"
+    last_line: int = 0
+    stopped_by: str | None = None
 
     def line(self) -> str:
         """The summary line written on stderr."""
         rate = self.messages / self.elapsed if self.elapsed > 0 else 0.0
+        head = f"{_PROG}: "
+        if self.stopped_by is not None and self.last_line == 0:
+            head += f"stopped by {self.stopped_by} before reading any input: "
+        elif self.stopped_by is not None:
+            head += (
+                f"stopped by {self.stopped_by}, input read to line {self.last_line:,} "
+                f"of {self.input_name}: "
+            )
         return (
-            f"{_PROG}: {_plural(self.messages, 'message')}: {self.processed:,} processed, "
-            f"{self.failed:,} failed, {self.lost:,} lost; {_plural(self.written, 'line')} "
+            f"{head}{_plural(self.messages, 'message')}: {self.processed:,} processed, "
+            f"{self.failed:,} failed, {self.lost:,} lost; "
+            f"{_plural(self.skipped, 'bad line')} skipped; {_plural(self.written, 'line')} "
             f"written in {self.elapsed:.2f} s ({rate:,.0f} messages/s)"
         )
 
@@ -405,109 +374,100 @@ def _plural(count: int, noun: str) -> str:
     return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
-def _counts(stats: PoolStats) -> tuple[int, int, int]:
-    """``(processed, failed, lost)`` from a ``pool.stats()`` snapshot."""
-    return stats.processed, stats.failed, stats.lost
-
-
 def _discard(value: Any) -> None:
     """``on_result`` of ``--ordered``: results from ``put_result`` are not written."""
 
 
-async def _redraw_forever(bar: ProgressBar, pool: Pool) -> None:
-    # A display refreshed ten times a second, like any progress bar; nothing
-    # waits on it. It only runs when stderr is a terminal.
-    while True:
-        await asyncio.sleep(_REDRAW_INTERVAL)
-        bar.update(sum(_counts(pool.stats())))
-
-
 class _ResultWriter:
-    """The pool's ``on_result``: writes each result; the first failure is kept.
+    """The pool's ``on_result``: writes each result as a JSON line.
 
-    A callback rather than ``async for ... in pool.results()`` beside a feeding
-    task: when a result cannot be written, the run ends by raising from the
-    body of ``async with pool`` (queued messages are dropped, in-flight ones
-    end), not by cancelling a feeding task that may be inside ``pool.stop()``.
+    A value that cannot be written is reported to ``on_error`` (which stops
+    the run) and left out; the values after it are still written, so that
+    what the workers finished reaches the output.
     """
 
-    def __init__(self, out: _Output) -> None:
+    def __init__(self, out: _Output, on_error: Callable[[CliError], None]) -> None:
         self.out = out
-        #: Done, with the error, once a result could not be written.
-        self.failed: asyncio.Future[CliError] = asyncio.get_running_loop().create_future()
+        self.on_error = on_error
 
     def __call__(self, value: Any) -> None:
-        if self.failed.done():
-            return
         try:
             self.out.write(value, lambda: f"result {self.out.written + 1}")
         except CliError as exc:
-            self.failed.set_result(exc)
-
-    def check(self) -> None:
-        """Raise the error of a result that could not be written, if there was one."""
-        if self.failed.done():
-            raise self.failed.result()
+            self.on_error(exc)
 
 
-async def _run_unordered(
-    pool: Pool, messages: AsyncIterator[tuple[int, Any]], writer: _ResultWriter
-) -> int:
-    count = 0
-    async for _, message in messages:
-        writer.check()
-        await pool.put(message)
-        count += 1
-    # drain() before stop(): a plain Worker's stop() cancels what is in flight.
-    drain = asyncio.ensure_future(pool.drain())
-    waits: list[asyncio.Future[Any]] = [drain, writer.failed]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        drain.cancel()
-    writer.check()
-    await pool.stop()
-    writer.check()
-    return count
+class _OrderedReplies:
+    """``--ordered``: each line's reply, written in input order as soon as it can be.
 
+    Each submit's future is kept in input order; whenever the oldest is done,
+    its reply is written (a failed message is named on stderr instead), and
+    so on while the next one is done too. After a stop, a message that was
+    not processed (dropped, or lost with a killed worker) is a gap: nothing
+    after it is written, so that the output keeps the input order; the run
+    names that line and counts the replies left out.
+    """
 
-async def _run_ordered(
-    pool: Pool, messages: AsyncIterator[tuple[int, Any]], out: _Output, window: int, err: TextIO
-) -> int:
-    pending: collections.deque[tuple[int, asyncio.Future[Any]]] = collections.deque()
+    def __init__(
+        self, out: _Output, err: TextIO, on_error: Callable[[CliError], None], window: int
+    ) -> None:
+        self.out = out
+        self.err = err
+        self.on_error = on_error
+        self.window = window
+        self.pending: collections.deque[tuple[int, asyncio.Future[Any]]] = collections.deque()
+        #: Set once the run stops early: from then on an unprocessed message is a gap.
+        self.stopping = False
+        #: The line of the first message that was not processed, after a stop.
+        self.gap: int | None = None
 
-    def write_head() -> None:
-        lineno, future = pending.popleft()
-        try:
-            reply = future.result()
-        except Exception as exc:
-            # The pool has logged the worker's traceback; this names the line.
-            err.write(f"{_PROG}: line {lineno} failed: {_one_line(exc)}\n")
+    def add(self, lineno: int, future: asyncio.Future[Any]) -> None:
+        """Keep the submit of line ``lineno``; its reply is written in its turn."""
+        self.pending.append((lineno, future))
+        future.add_done_callback(self._advance)
+
+    async def wait_for_room(self) -> None:
+        """Wait while ``window`` submits are pending (the oldest one holds the others)."""
+        while len(self.pending) >= self.window:
+            # _advance, added as a callback before this wait's, runs first.
+            await asyncio.wait([self.pending[0][1]])
+
+    def _advance(self, _: object = None) -> None:
+        pending = self.pending
+        while self.gap is None and pending and pending[0][1].done():
+            lineno, future = pending.popleft()
+            self._write(lineno, future)
+
+    def _write(self, lineno: int, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            error: BaseException | None = asyncio.CancelledError()
+        else:
+            error = future.exception()
+        if error is None:
+            try:
+                self.out.write(future.result(), lambda: f"the reply to line {lineno}")
+            except CliError as exc:
+                self.on_error(exc)
             return
-        out.write(reply, lambda: f"the reply to line {lineno}")
+        if self.stopping and isinstance(error, (PoolClosed, WorkerLost, asyncio.CancelledError)):
+            self.gap = lineno
+            return
+        # The pool has logged the worker's traceback; this names the line.
+        self.err.write(f"{_PROG}: line {lineno} failed: {_one_line(error)}\n")
 
-    count = 0
-    try:
-        async for lineno, message in messages:
-            if len(pending) >= window:
-                await asyncio.wait([pending[0][1]])
-                write_head()
-            pending.append((lineno, asyncio.ensure_future(pool.submit(message))))
-            count += 1
-        while pending:
-            await asyncio.wait([pending[0][1]])
-            write_head()
-    finally:
-        for _, future in pending:
-            future.cancel()
-        if pending:
-            await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
-    return count
+    def left_out(self) -> int:
+        """Replies computed after the gap, so not written (call once every submit is done)."""
+        return sum(1 for _, f in self.pending if not f.cancelled() and f.exception() is None)
+
+
+class _Interrupted(Exception):
+    """Raised out of ``async with pool`` to stop it without starting queued messages."""
 
 
 @dataclass(frozen=True)
 class _RunOptions:
     factory: Callable[[], Worker]
+    safe: bool
     size: int | None
     loop: str
     start_method: str | None
@@ -517,54 +477,292 @@ class _RunOptions:
     total: int | None
 
 
-async def _run(opts: _RunOptions, source: Readable, out: _Output, err: TextIO) -> RunSummary:
-    kwargs: dict[str, Any] = {"size": opts.size, "loop": opts.loop}
-    if opts.start_method is not None:
-        kwargs["start_method"] = opts.start_method
-    if opts.concurrency is not None:
-        kwargs["concurrency"] = opts.concurrency
-    writer = _ResultWriter(out)
-    kwargs["on_result"] = _discard if opts.ordered else writer
-    bar = ProgressBar(err, total=opts.total)
-    messages = read_messages(source, opts.input_name)
-    started = time.monotonic()
-    redraw: asyncio.Task[None] | None = None
-    try:
-        pool = Pool(opts.factory, **kwargs)
-    except (TypeError, ValueError) as exc:  # e.g. a factory "spawn" cannot pickle
-        raise CliError(str(exc)) from exc
-    try:
-        async with pool:
-            if bar.enabled:
-                redraw = asyncio.create_task(_redraw_forever(bar, pool))
-            if opts.ordered:
-                window = _ORDERED_WINDOW_PER_WORKER * pool.size
-                count = await _run_ordered(pool, messages, out, window, err)
+_SIGNAL_NAMES: Final = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+_SIGNAL_EXIT: Final = {"Ctrl-C": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED}
+
+
+class _Run:
+    """One ``looppool run``: feeds the pool, writes what comes back, stops as asked.
+
+    Stopping, whatever asks for it, happens in at most two steps::
+
+        running ── 1st Ctrl-C or SIGTERM, or a result ──► stopping: no more input, no
+                   that cannot be written                 queued message starts; those
+                                                          in flight finish (SafeWorker)
+                                                          or are cancelled (Worker);
+                                                          results keep being written
+        stopping ── 2nd Ctrl-C or SIGTERM ──────────────► killing: the workers are
+                                                          killed, their messages lost
+
+    Either way the output is flushed and the summary line written.
+    """
+
+    def __init__(self, opts: _RunOptions, source: Readable, out: _Output, err: TextIO) -> None:
+        self.opts = opts
+        self.source = source
+        self.out = out
+        self.err = err
+        self.skipped = 0
+        self.last_line = 0  # the last line sent to the pool or skipped
+        self.signals: list[str] = []
+        #: 0 running, 1 stopping, 2 killing (see the class docstring).
+        self.stage = 0
+        #: The first result that could not be written: the run stops, exit status 2.
+        self.error: CliError | None = None
+        self.pool: Pool | None = None
+        self.started = False  # the pool has started
+        self.stopping = False  # the life task is in the pool's stop, or about to be
+        self.body: asyncio.Task[None] | None = None
+        self.life: asyncio.Task[None] | None = None
+        self.stop_task: asyncio.Task[None] | None = None
+        self.replies: _OrderedReplies | None = None
+        self.writer = _ResultWriter(out, self._fail)
+        self._stopped_by: str | None = None
+
+    async def run(self) -> RunSummary:
+        """Run until the input ends and every message is done, or a stop; then summarise."""
+        opts = self.opts
+        kwargs: dict[str, Any] = {"size": opts.size, "loop": opts.loop}
+        if opts.start_method is not None:
+            kwargs["start_method"] = opts.start_method
+        if opts.concurrency is not None:
+            kwargs["concurrency"] = opts.concurrency
+        kwargs["on_result"] = _discard if opts.ordered else self.writer
+        try:
+            pool = self.pool = Pool(opts.factory, **kwargs)
+        except (TypeError, ValueError) as exc:  # e.g. a factory "spawn" cannot pickle
+            raise CliError(str(exc)) from exc
+        if opts.ordered:
+            window = _ORDERED_WINDOW_PER_WORKER * pool.size
+            self.replies = _OrderedReplies(self.out, self.err, self._fail, window)
+        bar = ProgressBar(self.err, total=opts.total)
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self.life = asyncio.create_task(self._life(bar))
+        handled = self._handle_signals(loop)
+        try:
+            await self.life
+        except _Interrupted:
+            pass
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this run itself was cancelled, not its life by a signal
+        except LooppoolError as exc:
+            if not self.started:
+                raise  # WorkerStartError: main() reports it
+            self._fail(CliError(str(exc)))  # PoolBroken: workers kept dying
+        except CliError as exc:  # the input could not be read
+            self._fail(exc)
+        finally:
+            for signum in handled:
+                loop.remove_signal_handler(signum)
+            if self.stop_task is not None:
+                # Done once the life is (the pool is stopped); a kill cancelled it.
+                await asyncio.gather(self.stop_task, return_exceptions=True)
+            bar.update(self._done(pool.stats()))
+            bar.close()
+        if self.replies is not None and self.replies.pending:
+            # After a stop, submits still settle (PoolClosed for the dropped
+            # ones): let the replies' callbacks see every one of them.
+            await asyncio.wait([future for _, future in self.replies.pending])
+        if self.replies is not None and self.replies.gap is not None:
+            self.err.write(
+                f"{_PROG}: --ordered: line {self.replies.gap} was not processed: replies "
+                f"are written up to the line before it; {self.replies.left_out():,} later "
+                "replies are left out, to keep the input order\n"
+            )
+        stats = pool.stats()
+        return RunSummary(
+            messages=stats.put,
+            processed=stats.processed,
+            failed=stats.failed,
+            lost=stats.lost,
+            skipped=self.skipped,
+            written=self.out.written,
+            elapsed=time.monotonic() - started,
+            input_name=opts.input_name,
+            last_line=self.last_line,
+            stopped_by=self._stopped_by,
+        )
+
+    def exit_status(self, summary: RunSummary) -> int:
+        """2 after an error, 130 (Ctrl-C) or 143 (SIGTERM) after a signal, else 1 or 0."""
+        if self.error is not None:
+            return EXIT_USAGE
+        if self.signals:
+            return _SIGNAL_EXIT[self.signals[0]]
+        return EXIT_FAILED if summary.failed or summary.lost or summary.skipped else EXIT_OK
+
+    @staticmethod
+    def _done(stats: PoolStats) -> int:
+        return stats.processed + stats.failed + stats.lost
+
+    async def _life(self, bar: ProgressBar) -> None:
+        pool = self.pool
+        assert pool is not None
+        redraw: asyncio.Task[None] | None = None
+        try:
+            # A signal while the pool starts cancels this task: start() ends
+            # the workers it started.
+            async with pool:
+                self.started = True
+                if bar.enabled:
+                    redraw = asyncio.create_task(self._redraw_forever(bar, pool))
+                cut_short = await self._serve(pool)
+                # Nothing awaits from here into the pool's stop (in __aexit__):
+                # a kill that comes from now on finds this task inside the
+                # stop, where cancelling it kills the workers.
+                self.stopping = True
+                if self.stage >= 2 and self.stop_task is None:
+                    # A kill came while the feeding was being cancelled, too
+                    # early to cancel the stop: cancel it now. The request is
+                    # delivered at the stop's first wait.
+                    task = asyncio.current_task()
+                    assert task is not None
+                    task.cancel()
+                if cut_short:
+                    # Stop without starting queued messages: those in flight
+                    # finish (SafeWorker) or are cancelled (Worker).
+                    raise _Interrupted
+        finally:
+            if redraw is not None:
+                redraw.cancel()
+
+    async def _serve(self, pool: Pool) -> bool:
+        """Feed the pool until the input ends and all is done; ``True`` if a stop cut it short."""
+        self.body = asyncio.create_task(self._feed(pool))
+        try:
+            await self.body
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the run itself was cancelled
+            return True  # a signal, or a result that cannot be written, cancelled the feeding
+        return self.error is not None
+
+    async def _feed(self, pool: Pool) -> None:
+        messages = read_messages(self.source, self.opts.input_name, self._skip)
+        try:
+            if self.replies is not None:
+                replies = self.replies
+                async for lineno, message in messages:
+                    await replies.wait_for_room()
+                    replies.add(lineno, asyncio.ensure_future(pool.submit(message)))
+                    self.last_line = lineno
+                if replies.pending:
+                    await asyncio.wait([future for _, future in replies.pending])
             else:
-                count = await _run_unordered(pool, messages, writer)
-    finally:
-        if redraw is not None:
-            redraw.cancel()
-        await messages.aclose()
-        bar.update(sum(_counts(pool.stats())))
-        bar.close()
-    elapsed = time.monotonic() - started
-    processed, failed, lost = _counts(pool.stats())
-    return RunSummary(count, processed, failed, lost, out.written, elapsed)
+                async for lineno, message in messages:
+                    await pool.put(message)
+                    self.last_line = lineno
+                # Before the stop: a plain Worker's stop() cancels what is in flight.
+                await pool.drain()
+        finally:
+            await messages.aclose()
 
+    def _skip(self, lineno: int, reason: str) -> None:
+        """A line that is not a message: name it (the first few), count it, go on."""
+        self.skipped += 1
+        self.last_line = lineno
+        if self.skipped <= _BAD_LINES_SHOWN:
+            self.err.write(f"{_PROG}: line {lineno} of {self.opts.input_name} skipped: {reason}\n")
+        if self.skipped == _BAD_LINES_SHOWN:
+            self.err.write(f"{_PROG}: more bad lines are counted in the summary, not named\n")
 
-def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The parent's loop: the same kind as the workers' (uvloop when asked or "auto")."""
-    if kind == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if kind == "uvloop":
-            raise CliError("--loop uvloop was asked, but uvloop is not installed") from None
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
+    def _fail(self, error: CliError) -> None:
+        """A result or reply that cannot be written: report it, and stop the run (once)."""
+        self.err.write(f"{_PROG}: error: {error}\n")
+        if self.error is None:
+            self.error = error
+            if self.stage == 0:
+                self._stopped_by = "an error"
+                self._step(None)
+
+    def _handle_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        # Signal handlers can only be set from the main thread; main() called
+        # from another thread leaves SIGINT and SIGTERM as they are.
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        handled: list[int] = []
+        for signum in _SIGNAL_NAMES:
+            loop.add_signal_handler(signum, self._signalled, signum)
+            handled.append(signum)
+        return handled
+
+    def _signalled(self, signum: int) -> None:
+        assert self.life is not None
+        if self.life.done():
+            return  # the run is over: nothing left to stop
+        name = _SIGNAL_NAMES[signal.Signals(signum)]
+        self.signals.append(name)
+        if self.stage == 0:
+            self._stopped_by = name
+        self._step(name)
+
+    def _step(self, cause: str | None) -> None:
+        """Move the run one step on: running → stopping → killing (see the class)."""
+        assert self.life is not None
+        if self.stage >= 2 or self.life.done():
+            return
+        self.stage += 1
+        prefix = f"{_PROG}: {cause}: " if cause else f"{_PROG}: "
+        if self.stage == 2:
+            self.err.write(f"{prefix}killing the workers\n")
+            self.err.flush()
+            # Cancelling the task that is inside the pool's stop (or start)
+            # kills the workers. The stop task began its stop before this
+            # signal could be handled (see below); a life task that has not
+            # begun its stop yet cancels itself when it does (_life).
+            if self.stop_task is not None:
+                self.stop_task.cancel()
+            elif not self.started or self.stopping:
+                self.life.cancel()
+            return
+        if cause is None:
+            again = "Ctrl-C to kill"
+        elif cause == "Ctrl-C":
+            again = "Ctrl-C again to kill"
+        else:
+            again = f"{cause} or Ctrl-C again to kill"
+        if self.replies is not None:
+            self.replies.stopping = True
+        if not self.started or self.pool is None:
+            self.err.write(f"{prefix}stopping\n")
+            self.err.flush()
+            self.life.cancel()  # start() ends the workers it started
+            return
+        in_flight = sum(self.pool.stats().in_flight)
+        if in_flight == 0:
+            if cause is not None:
+                self.err.write(f"{prefix}stopping: no message in flight\n")
+        else:
+            verb = "waiting for" if self.opts.safe else "cancelling"
+            self.err.write(f"{prefix}stopping: {verb} {_plural(in_flight, 'message')}; {again}\n")
+        self.err.flush()
+        if self.stopping or self.body is None or self.body.done():
+            return  # the input is all in: the pool's stop is under way, or about to be
+        self.body.cancel()
+        # The stop starts in the next loop turn, before the I/O of that turn
+        # is handled: no reply that comes now can free a worker for a queued
+        # message first (the feeding task, being cancelled, could take a few
+        # turns). A second signal, also I/O, comes after this task's first
+        # step, which goes into the pool's stop without waiting.
+        self.stop_task = asyncio.create_task(self._stop_now(self.pool))
+
+    @staticmethod
+    async def _stop_now(pool: Pool) -> None:
+        """Stop ``pool`` as an exception out of ``async with pool`` does: no queued
+        message starts; those in flight finish (SafeWorker) or are cancelled (Worker)."""
+        await pool.__aexit__(_Interrupted, _Interrupted(), None)
+
+    @staticmethod
+    async def _redraw_forever(bar: ProgressBar, pool: Pool) -> None:
+        # A display refreshed ten times a second, like any progress bar;
+        # nothing waits on it. It only runs when stderr is a terminal.
+        while True:
+            await asyncio.sleep(REDRAW_INTERVAL)
+            bar.update(_Run._done(pool.stats()))
 
 
 @contextlib.contextmanager
@@ -627,8 +825,8 @@ def _open_output(path: str | None, stack: contextlib.ExitStack) -> TextIO:
 
 def _command_run(ns: argparse.Namespace) -> int:
     err = sys.stderr
-    factory = load_worker(ns.worker)
-    loop_factory = _loop_factory(ns.loop)
+    factory, safe = _load_worker(ns.worker)
+    loop_factory = make_loop_factory(ns.loop)
     with contextlib.ExitStack() as stack:
         source, input_name = _open_input(ns.input, stack)
         total = None
@@ -637,6 +835,7 @@ def _command_run(ns: argparse.Namespace) -> int:
         out = _Output(_open_output(ns.output, stack))
         opts = _RunOptions(
             factory=factory,
+            safe=safe,
             size=ns.size,
             loop=ns.loop,
             start_method=ns.start_method,
@@ -646,14 +845,16 @@ def _command_run(ns: argparse.Namespace) -> int:
             total=total,
         )
         with _stderr_logging(err), asyncio.Runner(loop_factory=loop_factory) as runner:
+            run = _Run(opts, source, out, err)
             try:
-                summary = runner.run(_run(opts, source, out, err))
+                summary = runner.run(run.run())
             except WorkerStartError as exc:
                 # The reason in one line, then the worker's traceback.
                 raise CliError(str(exc)) from exc
+    # After the output's flush (the ExitStack), so that it is all there.
     err.write(summary.line() + "\n")
     err.flush()
-    return EXIT_FAILED if summary.failed or summary.lost else EXIT_OK
+    return run.exit_status(summary)
 
 
 # ---------------------------------------------------------------------------
@@ -692,22 +893,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("looppool")
-    except PackageNotFoundError:
-        return "(not installed)"
-
-
 def make_parser() -> argparse.ArgumentParser:
     """The ``looppool`` argument parser (its sub-commands: run, bench, demo)."""
     parser = argparse.ArgumentParser(
         prog=_PROG,
         description="Run a pool of worker processes, each with its own asyncio event loop.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -716,8 +908,11 @@ def make_parser() -> argparse.ArgumentParser:
         description=(
             "Read JSON lines (one message each) and feed them to a pool of WORKER "
             "processes; write every result the workers send with put_result() as a "
-            "JSON line. The current directory is importable. Exit status: 0 all "
-            "processed, 1 some message failed, 2 a usage error."
+            "JSON line. The current directory is importable. A line that is not JSON "
+            "is named on stderr and skipped. The first Ctrl-C or SIGTERM stops reading "
+            "and lets the messages in flight finish; a second one kills the workers. "
+            "Exit status: 0 all processed, 1 some message failed or was lost or some "
+            "line skipped, 2 a usage error, 130 Ctrl-C, 143 SIGTERM."
         ),
     )
     run.add_argument(
@@ -801,7 +996,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``looppool`` command line with ``argv`` (default: ``sys.argv[1:]``).
 
     Returns the exit status rather than exiting: 0 success, 1 some message
-    failed, 2 a usage error (reported as one line on stderr), 130 Ctrl-C.
+    failed or was lost or some input line skipped, 2 a usage error (reported
+    as one line on stderr), 130 Ctrl-C, 143 SIGTERM.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     try:

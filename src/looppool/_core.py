@@ -647,8 +647,10 @@ class PoolCore(abc.ABC, Generic[S]):
     def results(self) -> AsyncIterator[Any]:
         """Yield every result the workers put; end once the pool stopped and all were yielded.
 
-        ``results()`` ends only after :meth:`stop`: iterate it in one task
-        while another puts the messages and then stops the pool.
+        ``results()`` ends only after :meth:`stop` (``drain()`` does not end
+        it): iterate it in one task while another puts the messages and then
+        stops the pool. Raises :class:`LooppoolError` on a pool made with
+        ``on_result``.
         """
         return self._stream.results()
 

@@ -35,8 +35,7 @@ from html.parser import HTMLParser
 from typing import TYPE_CHECKING, Literal, TextIO, cast
 from urllib.parse import urldefrag, urljoin
 
-from ._cli import ProgressBar
-from ._cli import _loop_factory as loop_factory
+from ._console import ProgressBar, loop_factory
 from ._pool import Pool
 from ._worker import SafeWorker
 

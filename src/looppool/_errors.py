@@ -5,7 +5,8 @@
     LooppoolError                 every error of this package derives from it
     ├── PoolClosed                put/submit/broadcast after stop(), or a message
     │                             dropped because the pool stopped before running it
-    ├── QueueFull                 put_nowait() above max_pending
+    ├── QueueFull                 put_nowait() above max_pending (also an
+    │                             asyncio.QueueFull)
     ├── WorkerStartError          a worker's process or initialise() failed at start
     ├── WorkerLost                the worker process holding a message died
     ├── PoolBroken                workers keep dying on start: the pool gave up
@@ -16,6 +17,8 @@
 """
 
 from __future__ import annotations
+
+import asyncio
 
 __all__ = [
     "LooppoolError",
@@ -42,8 +45,12 @@ class PoolClosed(LooppoolError):
     """
 
 
-class QueueFull(LooppoolError):
-    """``put_nowait()`` found ``max_pending`` messages already accepted."""
+class QueueFull(LooppoolError, asyncio.QueueFull):
+    """``put_nowait()`` found ``max_pending`` messages already accepted.
+
+    Also an :class:`asyncio.QueueFull`, which ``asyncio.Queue.put_nowait()``
+    raises in the same case: code written for an ``asyncio.Queue`` catches it.
+    """
 
 
 class WorkerStartError(LooppoolError):

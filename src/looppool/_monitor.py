@@ -36,6 +36,11 @@ __all__ = ["WorkerMonitor", "check_statsd_option", "metric_prefix", "parse_stats
 
 logger = logging.getLogger(BLOCKING_LOGGER)
 
+#: The worker runtime's counters that are running totals since the process
+#: started: sent as statsd counters (their increase per report), so that a
+#: statsd server sums them over the workers and across replaced processes.
+CUMULATIVE_COUNTERS: Final = ("messages.processed", "messages.failed")
+
 #: Longest wait for a client's close()/stop() at worker shutdown: a statsd
 #: client must not hold a stopping worker (aiostatsd's stop() never returns
 #: if its run() failed).
@@ -230,6 +235,7 @@ class WorkerMonitor:
             self.prefix,
             self._interval,
             counters=self._counters,
+            cumulative=CUMULATIVE_COUNTERS,
             loop=self.loop,
         )
         reporter.start()

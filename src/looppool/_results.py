@@ -106,8 +106,9 @@ class ResultStream:
         """Yield every result; end once the pool has stopped and every one was yielded."""
         if self._callback is not None:
             raise LooppoolError(
-                f"pool {self._name!r} sends its results to on_result=, so results() has none "
-                "to yield: iterate results() or pass on_result, not both"
+                f"pool {self._name!r} was made with on_result={self._callback!r}, which "
+                "receives every result: results() would never yield one. Iterate over "
+                "results() on a pool made without on_result, or handle results in the callback."
             )
         while await self._ready():
             # Popped as it is yielded, never bound to a local of this frame:

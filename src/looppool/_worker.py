@@ -5,10 +5,107 @@ This module is imported by every worker process, so it stays light.
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
-__all__ = ["SafeWorker", "Worker", "WorkerFactory"]
+__all__ = ["HookNameWarning", "SafeWorker", "Worker", "WorkerFactory"]
+
+#: The hooks the runtime calls, by name (British spelling).
+HOOKS: Final = ("initialise", "process_message", "finalise")
+
+#: Names other libraries and habits give a message handler. Spelling slips
+#: (``initialize``, ``processMessage``, ``process_messages``) are found by
+#: similarity instead (:func:`_near_miss`).
+_HOOK_ALIASES: Final = {
+    "on_message": "process_message",
+    "handle_message": "process_message",
+    "process_msg": "process_message",
+}
+
+#: How alike (``difflib`` ratio, on names lower-cased without underscores) a
+#: name must be to a hook's to count as a slip: ``initialize`` is 0.9 from
+#: ``initialise``, ``finalize`` 0.875 from ``finalise``.
+_NEAR_MISS_RATIO: Final = 0.85
+#: ... and at most this many letters longer or shorter: ``initialise_db``
+#: (two more) is a helper, ``process_messages`` (one more) a slip.
+_NEAR_MISS_LENGTH: Final = 1
+
+
+class HookNameWarning(UserWarning):
+    """A :class:`Worker` subclass defines a method whose name is a near miss of a hook.
+
+    For example ``initialize`` (the hooks are spelt ``initialise`` and
+    ``finalise``) or ``processMessage``: the pool never calls it. Issued when
+    the class is defined, and only if the hook itself is not defined.
+    """
+
+
+def _squash(name: str) -> str:
+    return name.lower().replace("_", "")
+
+
+def _near_miss(name: str) -> str | None:
+    """The hook that ``name`` looks like a slip for, or ``None``."""
+    if name in HOOKS or name.startswith("_"):  # private helpers are the user's own
+        return None
+    alias = _HOOK_ALIASES.get(name)
+    if alias is not None:
+        return alias
+    import difflib  # here: most classes never get this far, and workers import this module
+
+    squashed = _squash(name)
+    for hook in HOOKS:
+        target = _squash(hook)
+        if (
+            abs(len(squashed) - len(target)) <= _NEAR_MISS_LENGTH
+            and difflib.SequenceMatcher(None, squashed, target).ratio() >= _NEAR_MISS_RATIO
+        ):
+            return hook
+    return None
+
+
+def _in_a_child_process() -> bool:
+    """Whether this is a ``multiprocessing`` child, or one still being bootstrapped.
+
+    A worker process started by "spawn" or "forkserver" imports the user's
+    modules again: the parent, which holds the worker class to start the
+    pool, has warned once already. While a child unpickles what its parent
+    sent (the worker class's module, the main script as ``__mp_main__``),
+    ``parent_process()`` is still ``None``; multiprocessing marks that phase
+    with ``current_process()._inheriting`` (its own check against starting
+    processes from an unguarded main module reads the same flag).
+    """
+    import multiprocessing
+
+    return (
+        getattr(multiprocessing.current_process(), "_inheriting", False)
+        or multiprocessing.parent_process() is not None
+    )
+
+
+def _warn_about_near_misses(cls: type[Worker]) -> None:
+    """Warn, at the misspelt ``def``, for each method of ``cls`` that looks like a hook."""
+    for name, value in vars(cls).items():
+        if not inspect.isfunction(value):
+            continue
+        hook = _near_miss(name)
+        if hook is None or getattr(cls, hook) is not getattr(Worker, hook):
+            continue  # not a near miss, or the hook is defined too (here or in a base)
+        if _in_a_child_process():
+            return
+        code = value.__code__
+        warnings.warn_explicit(
+            f"{cls.__qualname__}.{name}() looks like a misspelling of the hook "
+            f"{hook}(): looppool calls {hook}() and never {name}(). Rename it to "
+            f"{hook} (the hooks are initialise, process_message and finalise, "
+            "with British spellings).",
+            HookNameWarning,
+            code.co_filename,
+            code.co_firstlineno,
+            module=cls.__module__,
+        )
 
 
 def _unattached(value: Any) -> None:
@@ -39,6 +136,11 @@ class Worker:
     in flight (``CancelledError`` is raised inside :meth:`process_message`, so
     ``finally`` blocks run) and exits promptly. Use :class:`SafeWorker` when
     every message must be processed.
+
+    A subclass that defines a near miss of a hook's name (``initialize``,
+    ``finalize``, ``processMessage``, ``process_messages``, ``on_message``...)
+    and not the hook itself gets a :class:`HookNameWarning` where it is
+    defined: the pool would never call that method.
     """
 
     #: The worker's number, ``0`` to ``size - 1``; set by the pool.
@@ -49,6 +151,12 @@ class Worker:
 
     # Set by the runtime that hosts the worker (a worker process, or InlinePool).
     _looppool_sink: Callable[[Any], None] = staticmethod(_unattached)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A hook spelt otherwise (initialize, processMessage) is silently
+        # never called: say so where the class is defined.
+        _warn_about_near_misses(cls)
 
     def initialise(self) -> Awaitable[None] | None:
         """Prepare the worker (open clients, load tables); may be ``async``."""

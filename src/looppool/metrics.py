@@ -1,14 +1,14 @@
-"""Process and event-loop metrics sent as statsd gauges, and blocked-loop detection.
+"""Process and event-loop metrics sent to statsd, and blocked-loop detection.
 
 Three pieces, each usable on its own in any asyncio program (the parent of a
 pool included), and used by every worker when the pool is given
 ``statsd=``/``blocking_threshold=``::
 
-    ResourceReporter ── every `interval` s, a loop.call_later chain ──► client.gauge(...)
-      cpu, rss, maxrss, loop.lag, loop.tasks,                          │
-      loop.ready, loop.timers, counters()                              ▼
-                                                      StatsdClient: one UDP datagram per
-                                                      report, from a non-blocking socket
+    ResourceReporter ── every `interval` s, a loop.call_later chain ──► client.send(...)
+      gauges: cpu, rss, maxrss, loop.lag, loop.tasks,                  │
+              loop.ready, loop.timers, counters()                      ▼
+      counters: the increase of each cumulative      StatsdClient: one UDP datagram per
+                counters() item since the last report  report, from a non-blocking socket
 
     BlockingDetector
       loop thread:     heartbeat callback every threshold/4 (call_later)
@@ -18,9 +18,11 @@ pool included), and used by every worker when the pool is given
 * :class:`StatsdClient` — plain statsd over UDP, no dependency. A statsd
   server that is down or unreachable never raises into the caller: the lost
   values are counted in :attr:`StatsdClient.dropped` and forgotten.
-* :class:`ResourceReporter` — the periodic gauges; the client may be a
-  :class:`StatsdClient`, an ``aiostatsd.client.StatsdClient`` or any object
-  with a ``gauge(name, value)`` or ``send_gauge(name, value)`` method.
+* :class:`ResourceReporter` — the periodic gauges, and counters for running
+  totals; the client may be a :class:`StatsdClient`, an
+  ``aiostatsd.client.StatsdClient`` or any object with a ``gauge(name,
+  value)`` or ``send_gauge(name, value)`` method (and, for counters, an
+  ``incr``, ``increment`` or ``send_counter`` method).
 * :class:`BlockingDetector` — the asyncio form of Tornado's
   ``IOLoop.set_blocking_log_threshold``.
 """
@@ -37,7 +39,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol, Self
 
@@ -84,9 +86,15 @@ _UNSAFE_NAME = re.compile(r"[:|@\s]")
 
 _logger = logging.getLogger("looppool.metrics")
 
-#: A callable returning extra gauges for :class:`ResourceReporter`, such as
-#: ``{"messages.in_flight": 3, "messages.processed": 1200}``.
+#: A callable returning extra values for :class:`ResourceReporter`, such as
+#: ``{"messages.in_flight": 3, "messages.processed": 1200}``: gauges, except
+#: the running totals named in its ``cumulative``, which are sent as counters.
 Counters = Callable[[], Mapping[str, float]]
+
+#: The methods that add to a statsd counter, in the order they are looked for:
+#: this module's and ``statsd``'s ``incr``, ``datadog``'s ``increment``,
+#: ``aiostatsd``'s ``send_counter``.
+_COUNTER_METHODS: Final = ("incr", "increment", "send_counter")
 
 
 class GaugeClient(Protocol):
@@ -184,10 +192,27 @@ class StatsdClient:
 
     def gauge(self, name: str, value: float) -> None:
         """Set the gauge ``name`` to ``value``: the datagram ``prefix.name:value|g``."""
-        self.gauges({name: value})
+        self.send({name: value})
 
     def gauges(self, values: Mapping[str, float]) -> None:
         """Set many gauges, batched into as few datagrams as fit in ``max_datagram``."""
+        self.send(values)
+
+    def send(self, gauges: Mapping[str, float], counts: Mapping[str, float] | None = None) -> None:
+        """Set ``gauges`` and add ``counts`` to counters, batched into as few datagrams as fit.
+
+        The gauges' lines come first, then the counters' (``prefix.name:value|c``).
+        """
+        lines = self._gauge_lines(gauges)
+        for name, value in (counts or {}).items():
+            text = _format_value(value)
+            if text is None:
+                self.dropped += 1
+                continue
+            lines.append((f"{self._prefixed(name)}:{text}|c", 1))
+        self._send_lines(lines)
+
+    def _gauge_lines(self, values: Mapping[str, float]) -> list[tuple[str, int]]:
         lines: list[tuple[str, int]] = []
         for name, value in values.items():
             text = _format_value(value)
@@ -202,7 +227,7 @@ class StatsdClient:
                 lines.append((f"{full}:0|g\n{full}:{text}|g", 1))
             else:
                 lines.append((f"{full}:{text}|g", 1))
-        self._send_lines(lines)
+        return lines
 
     def incr(self, name: str, value: float = 1) -> None:
         """Add ``value`` to the counter ``name``: ``prefix.name:value|c``."""
@@ -290,36 +315,62 @@ class StatsdClient:
 # -- the resource reporter -----------------------------------------------------------------
 
 
-def _gauge_sender(client: object) -> Callable[[Mapping[str, float]], None]:
-    """Adapt a duck-typed statsd client to "send this mapping of gauges"."""
-    if isinstance(client, StatsdClient):
-        return client.gauges  # one datagram per report
-    if isinstance(client, type):
-        raise TypeError(f"expected a statsd client instance, got the class {client.__qualname__}")
-    gauge = getattr(client, "gauge", None)
-    send_gauge = getattr(client, "send_gauge", None)
-    if type(client).__module__.partition(".")[0] == "aiostatsd" and callable(send_gauge):
-        # cystatsd takes a C int: round rather than truncate, and saturate
-        # rather than raise OverflowError (an RSS above 2 GiB).
-        def send_ints(values: Mapping[str, float]) -> None:
-            for name, value in values.items():
-                if math.isfinite(value):
-                    send_gauge(name, min(max(round(value), _INT32_MIN), _INT32_MAX))
+class _Sender:
+    """Sends a report's gauges and counter increments through a duck-typed statsd client."""
 
-        return send_ints
-    method = gauge if callable(gauge) else send_gauge
-    if not callable(method):
-        raise TypeError(
-            f"{client!r} is not a statsd client: it has neither a gauge(name, value) "
-            "nor a send_gauge(name, value) method"
-        )
-    send_one: Callable[[str, float], object] = method
+    def __init__(self, client: object) -> None:
+        if isinstance(client, type):
+            raise TypeError(
+                f"expected a statsd client instance, got the class {client.__qualname__}"
+            )
+        self._client = client
+        if isinstance(client, StatsdClient):
+            self.counters = True
+            self._send: Callable[[Mapping[str, float], Mapping[str, float]], None] = client.send
+            return
+        gauge = getattr(client, "gauge", None)
+        send_gauge = getattr(client, "send_gauge", None)
+        method = gauge if callable(gauge) else send_gauge
+        if not callable(method):
+            raise TypeError(
+                f"{client!r} is not a statsd client: it has neither a gauge(name, value) "
+                "nor a send_gauge(name, value) method"
+            )
+        self._gauge: Callable[[str, float], object] = method
+        if type(client).__module__.partition(".")[0] == "aiostatsd" and callable(send_gauge):
+            self._gauge = send_gauge
+            self._to_int = True
+        else:
+            self._to_int = False
+        counter = None
+        for name in _COUNTER_METHODS:
+            counter = getattr(client, name, None)
+            if callable(counter):
+                break
+        #: Whether the client has a counter method; without one, running
+        #: totals are sent as gauges, as they are.
+        self.counters = callable(counter)
+        self._counter: Callable[[str, float], object] | None = counter
+        self._send = self._send_each
 
-    def send_each(values: Mapping[str, float]) -> None:
-        for name, value in values.items():
-            send_one(name, value)
+    def __call__(self, gauges: Mapping[str, float], counts: Mapping[str, float]) -> None:
+        """Send ``gauges``, and ``counts`` as counter increments (only if :attr:`counters`)."""
+        self._send(gauges, counts)
 
-    return send_each
+    def _send_each(self, gauges: Mapping[str, float], counts: Mapping[str, float]) -> None:
+        for name, value in gauges.items():
+            self._send_one(self._gauge, name, value)
+        if self._counter is not None:
+            for name, value in counts.items():
+                self._send_one(self._counter, name, value)
+
+    def _send_one(self, method: Callable[[str, float], object], name: str, value: float) -> None:
+        if not self._to_int:
+            method(name, value)
+        elif math.isfinite(value):
+            # cystatsd takes a C int: round rather than truncate, and saturate
+            # rather than raise OverflowError (an RSS above 2 GiB).
+            method(name, min(max(round(value), _INT32_MIN), _INT32_MAX))
 
 
 def _peak_rss(memory: Any) -> float | None:
@@ -333,7 +384,7 @@ def _peak_rss(memory: Any) -> float | None:
 
 
 class ResourceReporter:
-    """Send the process's and the event loop's vital signs as statsd gauges.
+    """Send the process's and the event loop's vital signs to statsd.
 
     Every ``interval`` seconds, on the event loop, it sends ``{prefix}.{metric}``
     for each of:
@@ -353,16 +404,27 @@ class ResourceReporter:
         Only where the loop exposes them: asyncio's own loops do, uvloop does
         not, and then these two are not sent.
 
-    plus every item of ``counters()`` (a name-to-number mapping), if given.
+    plus every item of ``counters()`` (a name-to-number mapping), if given:
+    as a gauge, except the items named in ``cumulative``. Those are running
+    totals (messages processed since the process started, say), sent as
+    statsd **counters**: each report adds the increase since the previous
+    report (``name:increase|c``; the whole total the first time, and again
+    after the total went down, as a counter restarted from zero does). A
+    statsd server sums counters over its flush interval and across
+    processes, so a pool's total, or its rate, is the sum of its workers',
+    and a worker that is replaced starts from zero without breaking it. An
+    increase that the client failed to send is not sent again.
 
-    ``client`` is a :class:`StatsdClient` (all gauges of a report in one
+    ``client`` is a :class:`StatsdClient` (all metrics of a report in one
     datagram), an ``aiostatsd.client.StatsdClient`` (values rounded to the
     32-bit integers cystatsd carries; a fraction such as ``cpu`` loses its
     decimals), or any object with a ``gauge(name, value)`` or
-    ``send_gauge(name, value)`` method. The reporter neither starts nor
-    closes the client. A client or ``counters`` that raises is logged (once
-    until it works again, on the ``looppool.metrics`` logger) and the
-    reporting goes on.
+    ``send_gauge(name, value)`` method, and for counters an ``incr(name,
+    value)``, ``increment(name, value)`` or ``send_counter(name, value)``
+    method; a client without one gets the running totals as gauges. The
+    reporter neither starts nor closes the client. A client or ``counters``
+    that raises is logged (once until it works again, on the
+    ``looppool.metrics`` logger) and the reporting goes on.
 
     The timer is a ``loop.call_later`` chain, so the lag it measures is the
     loop's own. Use it on one loop::
@@ -378,11 +440,20 @@ class ResourceReporter:
         interval: float = DEFAULT_INTERVAL,
         *,
         counters: Counters | None = None,
+        cumulative: Collection[str] = (),
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         if not interval > 0:
             raise ValueError(f"interval must be a positive number of seconds, not {interval!r}")
-        self._send = _gauge_sender(client)
+        if isinstance(cumulative, str):
+            raise TypeError(
+                f"cumulative must be a collection of names, not the string {cumulative!r} "
+                f"(write cumulative=[{cumulative!r}])"
+            )
+        self._send = _Sender(client)
+        #: The names of ``counters()`` items that are running totals, sent as counters.
+        self.cumulative: Final = frozenset(cumulative)
+        self._totals: dict[str, float] = {}  # each cumulative item at the last report
         self.client: Final = client
         self.prefix: Final = prefix.strip(".")
         self.interval: Final = float(interval)
@@ -390,7 +461,8 @@ class ResourceReporter:
         self._loop = loop
         #: Reports sent.
         self.reports = 0
-        #: The gauges of the last report (even one the client failed to send), by full name.
+        #: The last report (even one the client failed to send), by full name:
+        #: gauges, and for each cumulative item the increase sent.
         self.last_report: Mapping[str, float] = {}
         self._handle: asyncio.TimerHandle | None = None
         self._due = 0.0  # loop.time() at which the pending report should run
@@ -441,25 +513,43 @@ class ResourceReporter:
         """Measure and send one report now, and return it (full names to values).
 
         The timer calls this; it is public for tests and benchmarks. ``lag_ms``
-        is the ``loop.lag`` to send. Never raises: failures are logged.
+        is the ``loop.lag`` to send. The cumulative items of ``counters()``
+        appear with the increase sent as a counter (with the total, for a
+        client that has no counter method). Never raises: failures are logged.
         """
         try:
-            gauges = self._measure(lag_ms)
+            gauges, totals = self._measure(lag_ms)
         except Exception:
             self._failed("measure", "%r failed to measure", self)
             return {}
         self._failing.discard("measure")
+        counts: dict[str, float] = {}
+        if self._send.counters:
+            counts = self._increases(totals)
+        else:
+            gauges.update(totals)
         try:
-            self._send(gauges)
+            self._send(gauges, counts)
         except Exception:
-            self._failed("client", "statsd client %r failed to send gauges", self.client)
+            self._failed("client", "statsd client %r failed to send metrics", self.client)
         else:
             self._failing.discard("client")
             self.reports += 1
-        self.last_report = gauges
-        return gauges
+        self.last_report = report = {**gauges, **counts}
+        return report
 
-    def _measure(self, lag_ms: float) -> dict[str, float]:
+    def _increases(self, totals: Mapping[str, float]) -> dict[str, float]:
+        """How much each running total grew since the last report; remember the totals."""
+        counts = {}
+        for name, total in totals.items():
+            before = self._totals.get(name, 0.0)
+            # A total below the last one was restarted from zero: all of it is new.
+            counts[name] = total - before if total >= before else total
+            self._totals[name] = total
+        return counts
+
+    def _measure(self, lag_ms: float) -> tuple[dict[str, float], dict[str, float]]:
+        """The gauges and the cumulative totals, by full name."""
         loop = self._loop
         assert loop is not None
         assert self._process is not None
@@ -499,7 +589,12 @@ class ResourceReporter:
                 self._failing.discard("counters")
                 metrics.update(extra)
         prefix = self.prefix
-        return {f"{prefix}.{name}" if prefix else name: value for name, value in metrics.items()}
+        gauges: dict[str, float] = {}
+        totals: dict[str, float] = {}
+        for name, value in metrics.items():
+            into = totals if name in self.cumulative else gauges
+            into[f"{prefix}.{name}" if prefix else name] = value
+        return gauges, totals
 
     def _failed(self, what: str, message: str, *args: object) -> None:
         # Called every interval while the failure lasts: log its start only.

@@ -7,19 +7,21 @@ simply work. Messages, results and replies still make a pickle round trip, so
 a value that a real pool could not send fails here too.
 
 The pytest plugin (entry point ``pytest11``, name ``looppool``) adds two
-fixtures for pytest-asyncio users::
+fixtures for pytest-asyncio users, named after the classes they make::
 
-    async def test_fetch(looppool_factory):
-        pool = await looppool_factory(Fetch, size=2)   # a started looppool.Pool
-        assert await pool.submit("https://example.org/") > 0
+    async def test_fetch(pool_factory):
+        pool = await pool_factory(Fetch, size=2)       # a started looppool.Pool
+        assert await pool.submit("http://127.0.0.1:8000/") > 0
 
     async def test_fetch_inline(inline_pool_factory):
         pool = await inline_pool_factory(Fetch)        # a started InlinePool
 
-Both stop their pools at teardown; ``looppool_factory`` also fails the test
-if a worker process outlives its pool. Options (group ``looppool``, each with
-an ini equivalent; the command line wins) give the defaults that
-``looppool_factory`` passes to ``Pool``:
+Both stop their pools at teardown; ``pool_factory`` also fails the test if a
+worker process outlives its pool. ``looppool_factory`` is the same fixture as
+``pool_factory`` under its first name, kept for the tests that use it. A
+project's own fixture of either name wins over the plugin's, as pytest's
+fixtures do. Options (group ``looppool``, each with an ini equivalent; the
+command line wins) give the defaults that ``pool_factory`` passes to ``Pool``:
 
 * ``--looppool-loop`` / ``looppool_loop``: ``auto``, ``asyncio`` or ``uvloop``;
 * ``--looppool-start-method`` / ``looppool_start_method``: ``fork``,
@@ -29,7 +31,8 @@ an ini equivalent; the command line wins) give the defaults that
 
 pytest imports this module at start-up in every project that has looppool
 installed, so importing it only defines names: psutil is imported, and
-processes are started, only when a fixture is used.
+processes are started, only when a fixture is used; and the run's header
+shows a ``looppool:`` line only when one of these options is set.
 """
 
 from __future__ import annotations
@@ -273,7 +276,7 @@ class InlinePool(PoolCore[_InlineSlot]):
 
 
 class PoolFactory(Protocol):
-    """The type of the ``looppool_factory`` fixture, for annotations."""
+    """The type of the ``pool_factory`` (or ``looppool_factory``) fixture, for annotations."""
 
     def __call__(
         self,
@@ -301,12 +304,12 @@ _OPTIONS: Final = (
     (
         "looppool_loop",
         "--looppool-loop",
-        f"default event loop of looppool_factory's pools: {', '.join(LOOP_KINDS)}",
+        f"default event loop of pool_factory's pools: {', '.join(LOOP_KINDS)}",
     ),
     (
         "looppool_start_method",
         "--looppool-start-method",
-        f"default start method of looppool_factory's pools: {', '.join(START_METHODS)}",
+        f"default start method of pool_factory's pools: {', '.join(START_METHODS)}",
     ),
     (
         "looppool_stop_timeout",
@@ -319,7 +322,7 @@ _OPTIONS: Final = (
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Add the ``looppool`` option group and its ini equivalents."""
-    group = parser.getgroup("looppool", "looppool worker pools (looppool_factory fixture)")
+    group = parser.getgroup("looppool", "looppool worker pools (pool_factory fixture)")
     for dest, flag, text in _OPTIONS:
         group.addoption(flag, dest=dest, default=None, metavar="VALUE", help=text)
         parser.addini(dest, help=f"default for {flag}", type="string", default=None)
@@ -334,7 +337,7 @@ class _Settings:
     stop_timeout: float | None
 
     def pool_defaults(self) -> dict[str, Any]:
-        """The keywords looppool_factory passes to Pool unless the test gives them."""
+        """The keywords pool_factory passes to Pool unless the test gives them."""
         defaults: dict[str, Any] = {}
         if self.loop is not None:
             defaults["loop"] = self.loop
@@ -382,9 +385,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_SETTINGS] = _read_settings(config)
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    """Show the defaults in effect in the header of a run."""
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """Show the defaults in effect in the header of a run, if any option is set.
+
+    The plugin is loaded in every run of every project where looppool is
+    installed: without options, it has nothing to say there.
+    """
     settings = config.stash[_SETTINGS]
+    if settings == _Settings(None, None, None):
+        return None
     timeout = "none" if settings.stop_timeout is None else f"{settings.stop_timeout:g}s"
     return (
         f"looppool: loop={settings.loop or 'auto'}, "
@@ -443,23 +452,24 @@ def _kill(processes: Iterable[psutil.Process]) -> None:
     psutil.wait_procs(processes, timeout=5)
 
 
-async def _looppool_factory(request: pytest.FixtureRequest) -> AsyncIterator[PoolFactory]:
+async def _pool_factory(request: pytest.FixtureRequest) -> AsyncIterator[PoolFactory]:
     """Make started ``looppool.Pool`` objects; stop them and check for survivors at teardown.
 
-    ``pool = await looppool_factory(MyWorker, size=2, **pool_options)``. The
+    ``pool = await pool_factory(MyWorker, size=2, **pool_options)``. The
     ``looppool_loop`` and ``looppool_start_method`` options are defaults for
     ``loop=`` and ``start_method=``. At teardown every pool is stopped (with
     ``looppool_stop_timeout``), and the test fails, naming the pids, if a
     worker process is still alive after its pool's ``stop()`` returned.
     """
     settings = request.config.stash[_SETTINGS]
+    fixture_name = request.fixturename or "pool_factory"  # or looppool_factory
     loop = asyncio.get_running_loop()
     made: list[tuple[Pool, list[psutil.Process]]] = []
 
     async def factory(
         worker: type[Worker] | Callable[[], Worker], /, size: int | None = None, **options: Any
     ) -> Pool:
-        _check_same_loop(loop, "looppool_factory")
+        _check_same_loop(loop, fixture_name)
         for key, value in settings.pool_defaults().items():
             options.setdefault(key, value)
         pool = Pool(worker, size, **options)
@@ -487,7 +497,7 @@ async def _looppool_factory(request: pytest.FixtureRequest) -> AsyncIterator[Poo
             problems.append(f"worker processes outlived {pool!r}: pids {pids}")
             _kill(survivors)  # or they would outlive the test session too
     if problems:
-        pytest.fail("looppool_factory teardown: " + "; ".join(problems), pytrace=False)
+        pytest.fail(f"{fixture_name} teardown: " + "; ".join(problems), pytrace=False)
 
 
 async def _inline_pool_factory(
@@ -532,5 +542,9 @@ else:
         # (anyio's) may run them, or pytest says clearly that none does.
         _async_fixture = pytest.fixture  # type: ignore[assignment]
 
-    looppool_factory = _async_fixture(_looppool_factory, name="looppool_factory")
+    pool_factory = _async_fixture(_pool_factory, name="pool_factory")
+    # The first name of pool_factory: public since the first release, so it
+    # stays, as the same fixture (no deprecation warning: many suites run
+    # with warnings as errors).
+    looppool_factory = _async_fixture(_pool_factory, name="looppool_factory")
     inline_pool_factory = _async_fixture(_inline_pool_factory, name="inline_pool_factory")
