@@ -298,3 +298,32 @@ class DiesInInit(looppool.SafeWorker):
 
     def initialise(self) -> None:
         os._exit(4)
+
+
+class StateHolder(looppool.SafeWorker):
+    """The seed's stateful worker: ``("set", v)`` sets its state, ``("get",)`` reports it."""
+
+    def initialise(self) -> None:
+        self.state: Any = None
+
+    def process_message(self, message: Any) -> Any:
+        if message[0] == "set":
+            self.state = message[1]
+            return None
+        self.put_result((self.number, self.state))
+        return None
+
+
+class Blob:
+    """Megabytes in an object a weak reference can watch (a bytearray cannot have one)."""
+
+    def __init__(self, megabytes: int) -> None:
+        self.data = bytearray(megabytes << 20)
+
+
+class Big(looppool.SafeWorker):
+    """Replies, and puts a result, of ``message`` megabytes (a Blob)."""
+
+    def process_message(self, message: int) -> Any:
+        self.put_result(Blob(message))
+        return Blob(message)

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -528,6 +529,69 @@ async def test_barrier_mode_aligns_stateful_workers(make: Any) -> None:
     by_message = {m: n for n, m in await collect(pool)}
     for round_start in range(0, 15, 3):
         assert {by_message[i] for i in range(round_start, round_start + 3)} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("size", [2, 8])
+async def test_state_put_to_each_worker_comes_before_later_shared_messages(
+    make: Any, distribution: str, size: int
+) -> None:
+    """The seed's stateful test: a message put to a worker starts there before later ones."""
+    async with make(w.StateHolder, size=size, distribution=distribution) as pool:
+        for i in range(size):
+            pool.put_nowait(("set", i), worker=size - i - 1)
+        for _ in range(size):
+            pool.put_nowait(("get",))
+    answers = await collect(pool)
+    # Each worker answered its shared message with the state it was sent first.
+    assert all(state + number == size - 1 for number, state in answers), answers
+    assert len(answers) == size
+
+
+async def test_shared_messages_waiting_for_directed_ones_do_not_fill_the_window(
+    make: Any,
+) -> None:
+    """Barrier mode: shared messages a worker took and holds back leave room for what they wait for."""
+    pool = make(w.SafeSlow, size=1, distribution="barrier", concurrency=2)
+    async with pool:
+        for i in range(3):  # the third waits in the parent: the window holds two
+            pool.put_nowait(("directed", i), worker=0)
+        for i in range(2):  # taken at once, then held back until the third has arrived
+            pool.put_nowait(("shared", i))
+        async with asyncio.timeout(30):
+            await pool.drain()
+    assert pool.stats().processed == 5
+
+
+async def test_a_result_is_not_kept_alive_once_the_caller_dropped_it(make: Any) -> None:
+    """results(), on_result and submit() hold no reference to a value they handed out."""
+    refs: list[weakref.ref[Any]] = []
+
+    def keep_a_weak_ref(value: Any) -> None:
+        refs.append(weakref.ref(value))
+
+    async with make(w.Big) as pool:
+        results = pool.results()
+        await pool.put(1)
+        value = await anext(results)
+        ref = weakref.ref(value)
+        del value
+        await asyncio.sleep(0)
+        gc.collect()
+        assert ref() is None, "results() keeps the last result alive"
+        reply = await pool.submit(1)
+        ref = weakref.ref(reply)
+        del reply
+        # (The loop's handle that woke this task holds the future until the task yields.)
+        await asyncio.sleep(0)
+        gc.collect()
+        assert ref() is None, "submit() keeps its reply alive"
+        await anext(results)  # that submit's result
+    async with make(w.Big, on_result=keep_a_weak_ref) as pool:
+        await pool.put(1)
+        await pool.drain()
+        gc.collect()
+        assert len(refs) == 1
+        assert refs[0]() is None, "on_result's caller keeps the result alive"
 
 
 async def test_stop_while_starting_ends_the_start(make: Any) -> None:

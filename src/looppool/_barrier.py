@@ -54,6 +54,8 @@ class Host(Protocol):
 
     def _give_up_on(self, slot: Any) -> bool: ...
 
+    def _channel_sent(self, slot: Any) -> int: ...
+
 
 class BarrierDistribution(Distribution):
     """Shared messages through one queue and a Barrier; a death restarts every worker."""
@@ -118,7 +120,25 @@ class BarrierDistribution(Distribution):
 
     def _write(self, msg: Msg) -> None:
         assert self._queue is not None
-        self._queue.put(msg.id, msg.reply is not None, msg.payload)
+        self._queue.put(msg.id, msg.reply is not None, msg.payload, self._needs(msg))
+
+    def _needs(self, msg: Msg) -> tuple[int, ...]:
+        """How many channel messages each worker must have read before it starts ``msg``.
+
+        Those it was sent already, and those waiting to be sent that were put
+        before ``msg``: from one producer, a message put to a worker starts
+        there before a shared message put after it (the seed's "set each
+        worker's state, then work" pattern needs that order).
+        """
+        needs = []
+        for slot in self._host._ledger.slots:
+            queue = slot.queue
+            if not queue or queue[-1].id < msg.id:
+                before = len(queue)  # the usual case: msg is newer than all of them
+            else:
+                before = sum(m.id < msg.id for m in queue)
+            needs.append(self._host._channel_sent(slot) + before)
+        return tuple(needs)
 
     def _write_backlog(self) -> None:
         for msg in sorted(self._out.values(), key=lambda m: m.id):
@@ -127,7 +147,7 @@ class BarrierDistribution(Distribution):
     def taken(self, slot: Slot, mid: int) -> None:
         msg = self._out.pop(mid, None)
         if msg is not None:
-            slot.held[msg.id] = msg
+            self._host._ledger.take(slot, msg)
 
     def find(self, mid: int) -> Msg | None:
         return self._out.pop(mid, None)

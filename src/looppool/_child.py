@@ -60,7 +60,8 @@ class ChildConfig:
     log_level: int
     forked: bool
     concurrency: int
-    shared_queue: SharedReader | None = None  # barrier mode: (id, want_reply, payload) items
+    # barrier mode: (id, want_reply, payload, needs) items; see _Runtime._on_shared
+    shared_queue: SharedReader | None = None
     barrier: Any = None  # barrier mode: multiprocessing.Barrier
     monitor: dict[str, Any] | None = None  # WorkerMonitor options, or None
 
@@ -248,6 +249,10 @@ class _Runtime:
         # Barrier mode: the listener takes a message only when a slot is free.
         self.slots = threading.Semaphore(cfg.concurrency)
         self.shared_ids: set[int] = set()
+        # Barrier mode: messages read from the channel so far, and shared
+        # messages waiting for channel messages put before them.
+        self.channel_received = 0
+        self.waiting_shared: list[tuple[int, bool, bytes, int]] = []
         self.decoder = P.FrameDecoder()
 
     async def main(self) -> None:
@@ -324,7 +329,11 @@ class _Runtime:
             self._on_items([(P.OP_STOP, True)])
             return
         for items in frames:
+            if self.cfg.shared_queue is not None:
+                self.channel_received += sum(item[0] == P.OP_MSG for item in items)
             self._on_items(items)
+            if self.waiting_shared:
+                self._start_waiting_shared()
             if items[-1][0] == P.OP_STOP:
                 self.loop.remove_reader(fd)
                 return
@@ -356,11 +365,33 @@ class _Runtime:
             except threading.BrokenBarrierError:
                 return
 
-    def _on_shared(self, item: tuple[int, bool, bytes]) -> None:
+    def _on_shared(self, item: tuple[int, bool, bytes, tuple[int, ...]]) -> None:
+        """Start a message from the shared queue, once what was put before it has arrived.
+
+        A message put to this worker (``worker=k``, broadcast) travels on its
+        channel, a shared one on the shared queue, and nothing orders the
+        two: ``needs[k]`` is how many channel messages the parent had sent or
+        queued for worker k when it put this one, and it starts only after
+        this worker has read as many. (The seed's "put a state to each worker,
+        then shared work" pattern relies on that order.)
+        """
+        mid, want_reply, payload, needs = item
         # Only messages from the shared queue took a slot of the semaphore:
         # directed ones, sent by the parent within its own window, did not.
-        self.shared_ids.add(item[0])
-        self._on_items([(P.OP_MSG, *item)])
+        self.shared_ids.add(mid)
+        need = needs[self.cfg.number]
+        if need > self.channel_received:
+            self.waiting_shared.append((mid, want_reply, payload, need))
+            return
+        self._on_items([(P.OP_MSG, mid, want_reply, payload)])
+
+    def _start_waiting_shared(self) -> None:
+        waiting, self.waiting_shared = self.waiting_shared, []
+        for mid, want_reply, payload, need in waiting:
+            if need > self.channel_received:
+                self.waiting_shared.append((mid, want_reply, payload, need))
+            else:
+                self._on_items([(P.OP_MSG, mid, want_reply, payload)])
 
     def _release_slot(self, mid: int) -> None:
         if mid in self.shared_ids:
@@ -380,3 +411,10 @@ class _Runtime:
                     runner.start(item[1], item[2], item[3])
             elif not self.stop_requested.done():
                 self.stop_requested.set_result(bool(item[1]))
+                # Barrier mode: a shared message still waiting for channel
+                # messages will not get them (a stopping worker is sent
+                # nothing more): it is not started, and the parent sends it
+                # again or counts it lost.
+                waiting, self.waiting_shared = self.waiting_shared, []
+                for waiting_item in waiting:
+                    runner.refuse(waiting_item[0])

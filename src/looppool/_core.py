@@ -736,8 +736,7 @@ class PoolCore(abc.ABC, Generic[S]):
 
     def _requeue_held(self, slot: S) -> None:
         """Send again what a worker that stopped (or was killed) took and did not start."""
-        msgs = sorted(slot.held.values(), key=lambda m: m.id)
-        slot.held.clear()
+        msgs = self._ledger.release_held(slot)
         if not self._accepting_respawns:
             for msg in msgs:
                 self._ledger.end(msg, Outcome.LOST)

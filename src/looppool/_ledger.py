@@ -82,7 +82,7 @@ class Counts:
 class Msg:
     """One accepted message, until it is processed, failed or lost."""
 
-    __slots__ = ("epoch", "id", "payload", "reply", "strikes", "target")
+    __slots__ = ("epoch", "id", "payload", "reply", "strikes", "taken", "target")
 
     def __init__(self, mid: int, payload: Any, target: int | None, reply: Any, epoch: int) -> None:
         self.id = mid
@@ -92,6 +92,8 @@ class Msg:
         self.epoch = epoch  # drain() waits for the epochs before its own
         # Deaths of a worker in which this message was the only one it held.
         self.strikes = 0
+        # Held by a worker that took it from barrier mode's shared queue.
+        self.taken = False
 
     def __repr__(self) -> str:
         return f"<Msg {self.id} target={self.target} strikes={self.strikes}>"
@@ -116,6 +118,11 @@ class Slot:
         self.suspects: deque[list[Msg]] = deque()
         # A suspect group is in flight: nothing joins it until it is done.
         self.isolating = False
+        # Of ``held``, the messages the worker took from barrier mode's shared
+        # queue: its own semaphore bounds those, so they take no room in the
+        # window for messages sent on its channel (one of them may be waiting
+        # for such a message: counting it would deadlock a full window).
+        self.taken = 0
 
     @property
     def alive(self) -> bool:
@@ -208,7 +215,7 @@ class Ledger:
     def enqueue(self, slot: Slot, msg: Msg) -> None:
         """Queue a message for a slot's worker (it is sent when the window has room)."""
         slot.queue.append(msg)
-        if slot.state is SlotState.READY and len(slot.held) < self.concurrency:
+        if slot.state is SlotState.READY and len(slot.held) - slot.taken < self.concurrency:
             self.dirty[slot] = None
 
     def mark(self, slot: Slot) -> None:
@@ -237,7 +244,7 @@ class Ledger:
                 slot.isolating = True
             else:
                 queue = slot.queue
-                room = min(window - len(held), len(queue))
+                room = min(window - len(held) + slot.taken, len(queue))
                 if room <= 0:
                     continue
                 batch = [queue.popleft() for _ in range(room)]
@@ -267,6 +274,9 @@ class Ledger:
 
         (The caller has taken it out of ``slot.held``.)
         """
+        if msg.taken:
+            msg.taken = False
+            slot.taken -= 1
         self.end(msg, outcome)
         self.mark(slot)
         if slot.isolating and not slot.held:
@@ -327,10 +337,9 @@ class Ledger:
         """End as lost every message the slots hold or queue; return them."""
         lost: list[Msg] = []
         for slot in self.slots:
-            lost.extend(slot.held.values())
+            lost.extend(self.release_held(slot))
             lost.extend(slot.queue)
             lost.extend(self._take_suspects(slot))
-            slot.held.clear()
             slot.queue.clear()
             slot.isolating = False
         for msg in lost:
@@ -362,8 +371,7 @@ class Ledger:
         waits for the replacement, a shared one is dealt to another worker
         at once — or lost, without ``redeliver``.
         """
-        held = sorted(slot.held.values(), key=lambda m: m.id)
-        slot.held.clear()
+        held = self.release_held(slot)
         slot.isolating = False
         lost: list[Msg] = []
         if redeliver and self.safe:
@@ -382,6 +390,21 @@ class Ledger:
             for msg in again:
                 self._redeal(slot, msg)
         return lost
+
+    def release_held(self, slot: Slot) -> list[Msg]:
+        """Take every message out of ``slot.held`` (its worker ended), oldest first."""
+        held = sorted(slot.held.values(), key=lambda m: m.id)
+        slot.held.clear()
+        for msg in held:
+            msg.taken = False
+        slot.taken = 0
+        return held
+
+    def take(self, slot: Slot, msg: Msg) -> None:
+        """A worker took ``msg`` from barrier mode's shared queue: it holds it now."""
+        slot.held[msg.id] = msg
+        msg.taken = True
+        slot.taken += 1
 
     def _redeal(self, dead: Slot, msg: Msg) -> None:
         """Deal a shared message that waited for a dead worker to another one."""

@@ -87,15 +87,15 @@ class SharedReader:
     conn: Connection
     lock: Any  # multiprocessing.Lock
 
-    def get(self) -> tuple[int, bool, bytes]:
-        """Block until a message is there; return ``(id, want_reply, payload)``."""
+    def get(self) -> tuple[int, bool, bytes, tuple[int, ...]]:
+        """Block until a message is there; return ``(id, want_reply, payload, needs)``."""
         fd = self.conn.fileno()
         with self.lock:
             # Exact reads, never buffered: bytes read ahead would belong to
             # the next reader's message.
             (length,) = P.HEADER.unpack(P.read_exactly(fd, P.HEADER.size))
             body = P.read_exactly(fd, length)
-        item: tuple[int, bool, bytes] = pickle.loads(body)
+        item: tuple[int, bool, bytes, tuple[int, ...]] = pickle.loads(body)
         return item
 
 
@@ -111,9 +111,13 @@ class SharedQueue:
         self._writer_conn: Connection = writer
         self._writer = PipeWriter(loop, writer.fileno())
 
-    def put(self, mid: int, want_reply: bool, payload: bytes) -> None:
-        """Queue one message (already pickled by the caller)."""
-        self._writer.write(P.encode((mid, want_reply, payload)))
+    def put(self, mid: int, want_reply: bool, payload: bytes, needs: tuple[int, ...]) -> None:
+        """Queue one message (already pickled by the caller).
+
+        ``needs[k]``: how many messages worker k must have read from its own
+        channel before it may start this one (see ``_child._Runtime._on_shared``).
+        """
+        self._writer.write(P.encode((mid, want_reply, payload, needs)))
 
     def close(self) -> None:
         """End this queue: what was not written is dropped; both parent ends are closed."""

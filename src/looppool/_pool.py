@@ -74,6 +74,8 @@ class _ProcSlot(WorkerSlot):
         self.exit_fd = -1
         self.pidfd = -1
         self.decoder = P.FrameDecoder()
+        # Messages written to the current worker's channel (barrier mode's order).
+        self.channel_sent = 0
 
 
 class Pool(PoolCore[_ProcSlot]):
@@ -232,6 +234,7 @@ class Pool(PoolCore[_ProcSlot]):
         slot.decoder = P.FrameDecoder()
         slot.start_error = None
         slot.farewell = Farewell.NONE
+        slot.channel_sent = 0
         slot.exited = self._loop.create_future()
         slot.exit_fd = self._exit_fd(slot, process)
         self._loop.add_reader(slot.rfd, self._on_readable, slot)
@@ -272,13 +275,18 @@ class Pool(PoolCore[_ProcSlot]):
 
     def _send(self, slot: _ProcSlot, batch: list[Msg]) -> None:
         frame = P.encode([(P.OP_MSG, msg.id, msg.reply is not None, msg.payload) for msg in batch])
-        if not self._write(slot, frame):
+        if self._write(slot, frame):
+            slot.channel_sent += len(batch)
+        else:
             # The worker died before we noticed: these never reached it, so
             # its death must not be charged to them.
             self._ledger.unsend(slot, batch)
 
     def _send_stop(self, slot: _ProcSlot, cancel: bool) -> None:
         self._write(slot, P.encode([(P.OP_STOP, cancel)]))
+
+    def _channel_sent(self, slot: _ProcSlot) -> int:
+        return slot.channel_sent
 
     def _kill(self, slot: _ProcSlot) -> None:
         if slot.process is not None:
