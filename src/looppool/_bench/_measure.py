@@ -31,6 +31,8 @@ __all__ = ["MEASUREMENT_TIMEOUT", "PeakRss", "Result", "series"]
 
 #: How long one measurement (start, warm-up, repeats, stop) may take.
 MEASUREMENT_TIMEOUT: Final = 120.0
+#: W5's warm-up messages, before one of full size.
+WARMUP_BYTES: Final = 4096
 #: How often the fallback RSS sampler looks, where the kernel keeps no peak.
 RSS_SAMPLE_SECONDS: Final = 0.001
 
@@ -295,8 +297,10 @@ async def _payload_runs(system: System, payload: Payload, repeat: int, result: R
     message = payload.make()
     messages = [message] * count
     moved = 2 * count * payload.size
+    # Warm-up: small ones for every worker (the first numpy array imports
+    # numpy in the worker: 100 ms or more), then one of full size.
+    await system.stream([payload.make(WARMUP_BYTES)] * (2 * system.size) + [message])
     with _checking(system, payload):
-        await system.stream([message])  # warm-up
         for _ in range(repeat):
             with PeakRss() as peak:
                 before = cpu_snapshot()

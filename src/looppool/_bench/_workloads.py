@@ -68,9 +68,12 @@ class Payload:
                 return "numpy is not installed (it is in the bench extra: pip install '.[bench]')"
         return None
 
-    def make(self) -> Any:
-        """The message: random bytes (not zeros: a zero page copies as if cached)."""
-        data = _random(self.size)
+    def make(self, size: int | None = None) -> Any:
+        """The message, or one like it of ``size`` bytes.
+
+        Random bytes, not zeros: a zero page copies as if it were cached.
+        """
+        data = _random(self.size if size is None else size)
         if self.type == "bytes":
             return data
         if self.type == "bytearray":
