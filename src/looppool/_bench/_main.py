@@ -189,8 +189,8 @@ async def _measure_all(args: argparse.Namespace) -> _Run:
         why = payload.available()
         if why is None:
             payloads.append((payload, payload.quick_count if args.quick else payload.count))
-        elif f"{payload.type} payloads: {why}" not in notes:
-            notes.append(f"{payload.type} payloads: {why}")
+        elif f"{payload.type} payloads — {why}" not in notes:
+            notes.append(f"{payload.type} payloads — {why}")
     run = _Run(counts, payloads, notes)
     start_method = None if args.start_method == "default" else args.start_method
 
