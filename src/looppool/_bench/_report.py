@@ -290,7 +290,7 @@ def render_payloads(workload: Workload, results: Sequence[Result], notes: list[s
                     _spread(r.mib_per_s, fmt_rate),
                     _ratio(rate / med(limit.mib_per_s) if limit else None),
                     _ratio(rate / med(ppe.mib_per_s) if ppe else None),
-                    f"{peak:,.0f}",
+                    f"{peak:,.0f}" if peak >= 10 else f"{peak:.1f}",
                     f"{peak / message_mib:.1f}" if message_mib else "",
                     fmt_s(med(r.start_seconds)),
                 ]
