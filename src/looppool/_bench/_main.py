@@ -10,8 +10,7 @@ from the rest of the machine falls on every system alike. The tables give
 the median and the min-max of the runs (:mod:`._measure` says what is
 timed, :mod:`._report` what is compared with what).
 
-The harness learns the systems from :mod:`._registry`; :mod:`._systems` and
-:mod:`._ray` register them when imported.
+The harness learns the systems from :mod:`._registry`.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _ray, _systems  # noqa: F401 - imported to register their systems
+from . import _ray
 from ._measure import Result, series
 from ._registry import best_loop, entry, names
 from ._report import (

@@ -1,10 +1,11 @@
 """The systems under test: their common interface, and the registry that names them.
 
-Every module that defines systems (:mod:`._systems`, :mod:`._ray`) imports
-this one and registers its systems here; the harness (:mod:`._main`)
-imports those modules for their registrations and then asks this one. So no
-two system modules import each other, and adding a system touches one
-module.
+Every module that defines systems (:data:`MODULES`: :mod:`._systems`,
+:mod:`._ray`) imports this one and registers its systems here when it is
+imported; this one imports them by name the first time it is asked for a
+system (as a plugin registry finds its plugins), and none of them imports
+another. So there is no import cycle, and adding a system touches one
+module (and :data:`MODULES`, for a new one).
 
 Every system is driven the same way by the harness: ``start()`` (not
 timed), then timed ``stream(messages)`` runs — return once a result for
@@ -23,6 +24,7 @@ from typing import Any, Final, Literal
 
 __all__ = [
     "ALL_WORKLOADS",
+    "MODULES",
     "Counter",
     "Entry",
     "Family",
@@ -155,7 +157,17 @@ class Entry:
     on_ray: bool = False
 
 
+#: The modules that register systems, imported on the first look-up.
+MODULES: Final = ("looppool._bench._systems", "looppool._bench._ray")
+
 _REGISTRY: dict[str, Entry] = {}
+
+
+def _registered() -> dict[str, Entry]:
+    # Importing a module registers its systems; an imported one is not run again.
+    for module in MODULES:
+        importlib.import_module(module)
+    return _REGISTRY
 
 
 def register(
@@ -179,15 +191,16 @@ def register(
 
 def names() -> list[str]:
     """Every registered system, in registration order."""
-    return list(_REGISTRY)
+    return list(_registered())
 
 
 def entry(name: str) -> Entry:
     """The registered system ``name``; ``ValueError`` naming the known ones if none."""
+    registry = _registered()
     try:
-        return _REGISTRY[name]
+        return registry[name]
     except KeyError:
-        raise ValueError(f"unknown system {name!r}; known: {', '.join(_REGISTRY)}") from None
+        raise ValueError(f"unknown system {name!r}; known: {', '.join(registry)}") from None
 
 
 def make_system(name: str, size: int, start_method: str | None) -> System:

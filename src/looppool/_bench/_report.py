@@ -378,159 +378,110 @@ def _grade(system: str, name: str, ratio: float, op: str, bound: float, detail: 
     return Target(system, name, met, f"{detail}: {shown:.2f}x")
 
 
+class _Grader:
+    """Collects the target lines of one run, and what could not be graded."""
+
+    def __init__(self, by_workload: dict[str, list[Result]]) -> None:
+        self.by_workload = by_workload
+        self.found: list[Target] = []
+        self.missing: list[str] = []
+
+    def find(self, workload: str, system: str = README_PATH) -> Result | None:
+        """The measured result of ``system`` in ``workload``."""
+        rows = self.by_workload.get(workload, [])
+        return next((r for r in rows if r.system == system and r.ok), None)
+
+    def limit(
+        self, workload: str, key: Callable[[Result], float], kind: str | None
+    ) -> Result | None:
+        """The best limit of ``workload`` that runs handlers of ``kind`` (any, if None)."""
+        return _best(self.by_workload.get(workload, []), key, family="limit", kind=kind)
+
+    def ratio(
+        self,
+        name: str,
+        mine: float,
+        base: float,
+        op: str,
+        bound: float,
+        fmt: Callable[[float], str],
+        unit: str = "",
+    ) -> None:
+        """Grade ``mine / base`` against ``bound``."""
+        detail = f"{fmt(mine)} vs {fmt(base)}{unit}"
+        self.found.append(_grade(README_PATH, name, mine / base, op, bound, detail))
+
+
 def targets(
     by_workload: dict[str, list[Result]],
     counts: dict[str, int],
     scaling: dict[str, list[Result]],
 ) -> tuple[list[Target], list[str]]:
     """Grade the README path against issue 11's targets; and what could not be graded."""
-    found: list[Target] = []
-    missing: list[str] = []
-    name = README_PATH
-
-    def find(workload: str, system: str, part: str = "") -> Result | None:
-        return next(
-            (
-                r
-                for r in by_workload.get(workload, [])
-                if r.system == system and r.part == part and r.ok
-            ),
-            None,
-        )
-
-    def limit(workload: str, key: Callable[[Result], float], kind: str | None) -> Result | None:
-        return _best(by_workload.get(workload, []), key, family="limit", kind=kind)
-
-    if not any(r.system == name for rs in by_workload.values() for r in rs):
-        return [], [f"{name} (the README path) did not run"]
-
-    w1 = find("W1", name)
+    if not any(r.system == README_PATH for rs in by_workload.values() for r in rs):
+        return [], [f"{README_PATH} (the README path) did not run"]
+    g = _Grader(by_workload)
+    w1 = g.find("W1")
     if w1:
-        lim = limit("W1", lambda r: -med(r.rate), "async def")
-        aiomp = find("W1", "aiomp")
-        cpu, lim_cpu = cpu_mean(w1), cpu_mean(lim) if lim else None
-        if lim and cpu is not None and lim_cpu:
-            found.append(
-                _grade(
-                    name,
-                    f"W1 CPU/msg ≤ 1.5 x {lim.system}",
-                    cpu / lim_cpu,
-                    "≤",
-                    1.5,
-                    f"{fmt_us(cpu)} vs {fmt_us(lim_cpu)} µs",
-                )
-            )
-        if lim:
-            found.append(
-                _grade(
-                    name,
-                    f"W1 msgs/s ≥ 0.6 x {lim.system}",
-                    med(w1.rate) / med(lim.rate),
-                    "≥",
-                    0.6,
-                    f"{fmt_rate(med(w1.rate))} vs {fmt_rate(med(lim.rate))}",
-                )
-            )
+        lim = g.limit("W1", lambda r: -med(r.rate), "async def")
+        if lim is None:
+            g.missing.append("W1 vs limit-async")
         else:
-            missing.append("W1 vs limit-async")
-        if aiomp:
-            found.append(
-                _grade(
-                    name,
-                    "W1 msgs/s ≥ 8 x aiomp",
-                    med(w1.rate) / med(aiomp.rate),
-                    "≥",
-                    8,
-                    f"{fmt_rate(med(w1.rate))} vs {fmt_rate(med(aiomp.rate))}",
-                )
-            )
+            cpu, lim_cpu = cpu_mean(w1), cpu_mean(lim)
+            if cpu is not None and lim_cpu:
+                g.ratio(f"W1 CPU/msg ≤ 1.5 x {lim.system}", cpu, lim_cpu, "≤", 1.5, fmt_us, " µs")
+            rate, lim_rate = med(w1.rate), med(lim.rate)
+            g.ratio(f"W1 msgs/s ≥ 0.6 x {lim.system}", rate, lim_rate, "≥", 0.6, fmt_rate)
+        aiomp = g.find("W1", "aiomp")
+        if aiomp is None:
+            g.missing.append("W1 vs aiomp")
         else:
-            missing.append("W1 vs aiomp")
-    w2 = find("W2", name)
-    lim2 = limit("W2", lambda r: med(r.wall_seconds), None)
-    if w2 and lim2:
-        found.append(
-            _grade(
-                name,
-                f"W2 wall ≤ 1.3 x {lim2.system}",
-                med(w2.wall_seconds) / med(lim2.wall_seconds),
-                "≤",
-                1.3,
-                f"{fmt_s(med(w2.wall_seconds))} vs {fmt_s(med(lim2.wall_seconds))} s",
-            )
-        )
-    elif w2:
-        missing.append("W2 vs limit")
-    w3 = find("W3", name)
+            g.ratio("W1 msgs/s ≥ 8 x aiomp", med(w1.rate), med(aiomp.rate), "≥", 8, fmt_rate)
+    w2 = g.find("W2")
+    if w2:
+        lim2 = g.limit("W2", lambda r: med(r.wall_seconds), None)
+        if lim2 is None:
+            g.missing.append("W2 vs limit")
+        else:
+            mine, base = med(w2.wall_seconds), med(lim2.wall_seconds)
+            g.ratio(f"W2 wall ≤ 1.3 x {lim2.system}", mine, base, "≤", 1.3, fmt_s, " s")
+    w3 = g.find("W3")
     if w3:
         bound = w3_bound(counts["W3"], w3.size)
-        found.append(
-            _grade(
-                name,
-                "W3 wall ≤ 1.10 x CPU bound",
-                med(w3.wall_seconds) / bound,
-                "≤",
-                1.10,
-                f"{fmt_s(med(w3.wall_seconds))} vs {fmt_s(bound)} s",
-            )
-        )
-    w4 = find("W4", name)
-    lim4 = limit("W4", lambda r: med(r.p50_us), "async def")
-    if w4 and lim4:
-        for attr, label, bound in (("p50_us", "p50", 1.5), ("p99_us", "p99", 2.0)):
-            mine, floor = med(getattr(w4, attr)), med(getattr(lim4, attr))
-            found.append(
-                _grade(
-                    name,
-                    f"W4 {label} ≤ {bound:g} x {lim4.system}",
-                    mine / floor,
-                    "≤",
-                    bound,
-                    f"{fmt_us(mine)} vs {fmt_us(floor)} µs",
-                )
-            )
-    elif w4:
-        missing.append("W4 vs limit-async")
-    _payload_targets(by_workload.get("W5", []), found, missing)
-    _scaling_target(scaling.get("W1", []), found)
-    return found, missing
+        g.ratio("W3 wall ≤ 1.10 x CPU bound", med(w3.wall_seconds), bound, "≤", 1.10, fmt_s, " s")
+    w4 = g.find("W4")
+    if w4:
+        lim4 = g.limit("W4", lambda r: med(r.p50_us), "async def")
+        if lim4 is None:
+            g.missing.append("W4 vs limit-async")
+        else:
+            for attr, label, bound in (("p50_us", "p50", 1.5), ("p99_us", "p99", 2.0)):
+                mine, base = med(getattr(w4, attr)), med(getattr(lim4, attr))
+                name = f"W4 {label} ≤ {bound:g} x {lim4.system}"
+                g.ratio(name, mine, base, "≤", bound, fmt_us, " µs")
+    _payload_targets(g, by_workload.get("W5", []))
+    _scaling_target(g, scaling.get("W1", []))
+    return g.found, g.missing
 
 
-def _payload_targets(results: list[Result], found: list[Target], missing: list[str]) -> None:
+def _payload_targets(g: _Grader, results: list[Result]) -> None:
     for part in dict.fromkeys(r.part for r in results):
         mine = [r for r in results if r.part == part and r.ok]
         pool = next((r for r in mine if r.system == README_PATH), None)
         if pool is None:
             continue
-        rate = med(pool.mib_per_s)
         for other, bound in (("limit-oob", 0.7), ("ppe", 2.0)):
             base = next((r for r in mine if r.system == other), None)
             if base is None:
-                missing.append(f"W5 {part} vs {other}")
+                g.missing.append(f"W5 {part} vs {other}")
                 continue
-            found.append(
-                _grade(
-                    README_PATH,
-                    f"W5 {part} MiB/s ≥ {bound:g} x {other}",
-                    rate / med(base.mib_per_s),
-                    "≥",
-                    bound,
-                    f"{fmt_rate(rate)} vs {fmt_rate(med(base.mib_per_s))}",
-                )
-            )
+            name = f"W5 {part} MiB/s ≥ {bound:g} x {other}"
+            g.ratio(name, med(pool.mib_per_s), med(base.mib_per_s), "≥", bound, fmt_rate)
 
 
-def _scaling_target(w1: list[Result], found: list[Target]) -> None:
+def _scaling_target(g: _Grader, w1: list[Result]) -> None:
     two = next((r for r in w1 if r.ok and r.size == 2), None)
     eight = next((r for r in w1 if r.ok and r.size == 8), None)
     if two and eight:
-        found.append(
-            _grade(
-                two.system,
-                "W6: W1 at 8 workers ≥ 0.70 x at 2",
-                med(eight.rate) / med(two.rate),
-                "≥",
-                0.70,
-                f"{fmt_rate(med(eight.rate))} vs {fmt_rate(med(two.rate))} msgs/s",
-            )
-        )
+        name = "W6: W1 at 8 workers ≥ 0.70 x at 2"
+        g.ratio(name, med(eight.rate), med(two.rate), "≥", 0.70, fmt_rate, " msgs/s")
