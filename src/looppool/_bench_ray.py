@@ -3,12 +3,15 @@
 RayPool's numbers come from ``looppool bench`` itself (its ``looppool-ray``
 and ``ray-call`` rows, see :mod:`looppool._bench._ray`); this module is a
 shortcut for the comparison the README's Ray section shows — W1 to W4 on the
-limit, Pool (asyncio and uvloop workers), RayPool and a bare Ray actor call::
+limits (``def`` and ``async def`` handlers), Pool on the README path and
+tuned as RayPool is driven (asyncio and uvloop workers, ``def`` handlers,
+``on_result``), RayPool and a bare Ray actor call (an ``async def`` method,
+so compared with ``limit-async``)::
 
     python -m looppool._bench_ray [looppool bench options]
 
-is ``looppool bench --workloads W1,W2,W3,W4 --systems
-limit,looppool-asyncio,looppool-uvloop,looppool-ray,ray-call [options]``;
+is ``looppool bench --workloads W1,W2,W3,W4 --systems limit,limit-async,looppool,
+looppool-tuned-asyncio,looppool-tuned-uvloop,looppool-ray,ray-call [options]``;
 options given here come last, so ``--systems``, ``--workloads`` or
 ``--ray-address`` override these.
 """
@@ -26,7 +29,17 @@ DEFAULTS: Final = (
     "--workloads",
     "W1,W2,W3,W4",
     "--systems",
-    "limit,looppool-asyncio,looppool-uvloop,looppool-ray,ray-call",
+    ",".join(
+        [
+            "limit",
+            "limit-async",
+            "looppool",
+            "looppool-tuned-asyncio",
+            "looppool-tuned-uvloop",
+            "looppool-ray",
+            "ray-call",
+        ]
+    ),
 )
 
 

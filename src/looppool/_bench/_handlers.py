@@ -10,6 +10,11 @@ looppool :class:`~looppool.Worker` classes wrap the same functions:
 * ``tiny`` (W1, W4): ``x * 2``, no await.
 * ``io`` (W2): ``await asyncio.sleep(0.05)``.
 * ``mixed`` (W3): 2 ms of CPU, then ``await asyncio.sleep(0.02)``.
+* ``echo`` (W5): returns its (large) message unchanged.
+
+Two sets of looppool workers: the *README path* (:data:`README_WORKERS`:
+``async def process_message``, as the README teaches) and the *tuned* one
+(:data:`WORKERS`: a plain ``def`` where the workload allows).
 """
 
 from __future__ import annotations
@@ -27,17 +32,25 @@ __all__ = [
     "MIXED_CPU",
     "MIXED_SLEEP",
     "HANDLERS",
+    "README_WORKERS",
+    "WORKERS",
+    "EchoReply",
+    "EchoStream",
     "Handler",
     "IoReply",
     "IoStream",
     "MixedReply",
     "MixedStream",
+    "TinyAsyncReply",
+    "TinyAsyncStream",
     "TinyReply",
     "TinyStream",
+    "aio_echo",
     "aio_io",
     "aio_mixed",
     "aio_tiny",
     "burn",
+    "echo",
     "io",
     "mixed",
     "tiny",
@@ -90,6 +103,16 @@ async def aio_tiny(x: int) -> int:
     return x * 2
 
 
+def echo(x: Any) -> Any:
+    """W5: return the message itself (a result as large as the message)."""
+    return x
+
+
+async def aio_echo(x: Any) -> Any:
+    """:func:`echo` as a coroutine function."""
+    return x
+
+
 aio_io = io
 aio_mixed = mixed
 
@@ -98,6 +121,7 @@ HANDLERS: dict[str, tuple[Handler, Callable[[Any], Awaitable[Any]]]] = {
     "tiny": (tiny, aio_tiny),
     "io": (io, aio_io),
     "mixed": (mixed, aio_mixed),
+    "echo": (echo, aio_echo),
 }
 
 
@@ -106,8 +130,40 @@ HANDLERS: dict[str, tuple[Handler, Callable[[Any], Awaitable[Any]]]] = {
 # that a stream run does not also build a reply nobody awaits.
 
 
+class TinyAsyncReply(Worker):
+    """W1/W4 for ``submit``, as the README writes it: ``async def``, returns ``x * 2``."""
+
+    async def process_message(self, message: Any) -> Any:
+        """Return ``x * 2``."""
+        return message * 2
+
+
+class TinyAsyncStream(Worker):
+    """W1 for ``put``, as the README writes it: ``async def``, puts ``x * 2``."""
+
+    async def process_message(self, message: Any) -> None:
+        """Send ``x * 2`` to the parent's result stream."""
+        self.put_result(message * 2)
+
+
+class EchoReply(Worker):
+    """W5 for ``submit``: returns the message."""
+
+    async def process_message(self, message: Any) -> Any:
+        """Return the message."""
+        return message
+
+
+class EchoStream(Worker):
+    """W5 for ``put``: puts the message back as a result."""
+
+    async def process_message(self, message: Any) -> None:
+        """Send the message back to the parent's result stream."""
+        self.put_result(message)
+
+
 class TinyReply(Worker):
-    """W1/W4 for ``submit``: returns ``x * 2``."""
+    """W1/W4 for ``submit``, tuned: a plain ``def``, returns ``x * 2``."""
 
     def process_message(self, message: Any) -> Any:
         """Return ``x * 2``."""
@@ -115,7 +171,7 @@ class TinyReply(Worker):
 
 
 class TinyStream(Worker):
-    """W1 for ``put``: sends ``x * 2`` as a result."""
+    """W1 for ``put``, tuned: a plain ``def``, sends ``x * 2`` as a result."""
 
     def process_message(self, message: Any) -> None:
         """Send ``x * 2`` to the parent's result stream."""
@@ -160,11 +216,20 @@ class MixedStream(Worker):
         self.put_result(message)
 
 
-#: Workload handler name → (stream worker class, reply worker class).
+#: Workload handler name → (stream worker class, reply worker class), tuned:
+#: a plain ``def`` handler where the workload does not await.
 WORKERS: dict[str, tuple[type[Worker], type[Worker]]] = {
     "tiny": (TinyStream, TinyReply),
     "io": (IoStream, IoReply),
     "mixed": (MixedStream, MixedReply),
+    "echo": (EchoStream, EchoReply),
+}
+#: The same, as the README teaches: every handler an ``async def``.
+README_WORKERS: dict[str, tuple[type[Worker], type[Worker]]] = {
+    "tiny": (TinyAsyncStream, TinyAsyncReply),
+    "io": (IoStream, IoReply),
+    "mixed": (MixedStream, MixedReply),
+    "echo": (EchoStream, EchoReply),
 }
 
 

@@ -35,14 +35,14 @@ from typing import Any
 
 from ._handlers import Handler
 
-__all__ = ["LimitPool"]
+__all__ = ["START_TIMEOUT", "STOP_TIMEOUT", "LimitPool", "resolve", "wait_exit"]
 
 _HEADER = struct.Struct("!I")
 _PICKLE = pickle.HIGHEST_PROTOCOL
 #: How long stop() waits for a child to exit by itself before killing it.
-_STOP_TIMEOUT = 5.0
+STOP_TIMEOUT = 5.0
 #: How long start() waits for the children to be ready.
-_START_TIMEOUT = 60.0
+START_TIMEOUT = 60.0
 
 
 class _FrameReader(asyncio.Protocol):
@@ -238,17 +238,17 @@ class LimitPool:
                 self._ready.append(ready)
                 reader = _FrameReader(
                     functools.partial(self._on_frame, ready=ready),
-                    functools.partial(_resolve, ended),
+                    functools.partial(resolve, ended),
                 )
                 await loop.connect_read_pipe(functools.partial(_same, reader), from_child_r)
-            async with asyncio.timeout(_START_TIMEOUT):
+            async with asyncio.timeout(START_TIMEOUT):
                 for number, (ready, ended) in enumerate(zip(self._ready, self._ended, strict=True)):
                     # A child that dies while starting (say, an import error)
                     # closes its pipe before it is ready: fail at once.
                     await asyncio.wait({ready, ended}, return_when=asyncio.FIRST_COMPLETED)
                     if not ready.done():
                         proc = self._procs[number]
-                        await _wait_exit(proc, _STOP_TIMEOUT)
+                        await wait_exit(proc, STOP_TIMEOUT)
                         raise RuntimeError(
                             f"limit child {number} (pid {proc.pid}) exited while starting, "
                             f"exit code {proc.exitcode}"
@@ -306,12 +306,12 @@ class LimitPool:
         for writer in self._writers:
             writer.close()
         if self._ended:
-            await asyncio.wait(self._ended, timeout=_STOP_TIMEOUT)
+            await asyncio.wait(self._ended, timeout=STOP_TIMEOUT)
         for proc in self._procs:
-            await _wait_exit(proc, _STOP_TIMEOUT)
+            await wait_exit(proc, STOP_TIMEOUT)
             if proc.exitcode is None:
                 proc.kill()
-                await _wait_exit(proc, _STOP_TIMEOUT)
+                await wait_exit(proc, STOP_TIMEOUT)
             proc.join(0)
         self._procs.clear()
         self._writers.clear()
@@ -325,18 +325,19 @@ def _same(reader: _FrameReader) -> _FrameReader:
     return reader
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+def resolve(future: asyncio.Future[None]) -> None:
+    """Resolve ``future`` unless it is done."""
     if not future.done():
         future.set_result(None)
 
 
-async def _wait_exit(proc: Any, grace: float) -> None:
-    """Wait for a process to end by watching its sentinel (no polling)."""
+async def wait_exit(proc: Any, grace: float) -> None:
+    """Wait up to ``grace`` seconds for a process to end, watching its sentinel (no polling)."""
     if proc.exitcode is not None:
         return
     loop = asyncio.get_running_loop()
     gone: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(proc.sentinel, _resolve, gone)
+    loop.add_reader(proc.sentinel, resolve, gone)
     try:
         await asyncio.wait_for(gone, grace)
     except TimeoutError:

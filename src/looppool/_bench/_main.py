@@ -1,20 +1,16 @@
-"""The harness: workloads, measurement, the table, the targets.
+"""The harness: ``looppool bench``'s options, the run, the report.
 
-Four workloads on ``--size`` (2) workers, every system in the same process
-and the same run, one system at a time (so that one system's idle polling
-does not slow another). A measurement starts the system (timed apart, shown
-as "start"), warms it up (untimed), times a run, and stops the system. By
-default the ``--repeat`` runs are interleaved: round after round, each
-system gets one fresh start and one run, so noise from the rest of the
-machine falls on every system alike. The table gives the median and the
-min-max of the runs.
+Five workloads on ``--size`` (2) workers and W6 (scaling), every system in
+the same process and the same run, one system at a time (so that one
+system's idle polling does not slow another). A measurement starts the
+system (timed apart, shown as "start"), warms it up (untimed), times a run,
+and stops the system. By default the ``--repeat`` runs are interleaved:
+round after round, each system gets one fresh start and one run, so noise
+from the rest of the machine falls on every system alike. The tables give
+the median and the min-max of the runs (:mod:`._measure` says what is
+timed, :mod:`._report` what is compared with what).
 
-* A stream run is timed from the first submission to the arrival of the last
-  result in the parent. Its CPU cost is the user + system CPU time of the
-  parent and all its descendant processes over the run (psutil), per message.
-* A latency run is ``count`` sequential round trips (send one, await its
-  reply, then the next); its p50 and p99 are taken over the round trips of
-  the run.
+The harness learns the systems from :mod:`._registry`.
 """
 
 from __future__ import annotations
@@ -24,565 +20,49 @@ import asyncio
 import dataclasses
 import importlib
 import json
-import math
 import os
 import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any
 
-from . import _handlers
-from ._ray import LATENCY_ONLY, RAY_SYSTEMS, RaySession
-from ._systems import (
-    ALL_SYSTEMS,
-    DEFAULT_SYSTEMS,
-    DESCRIPTIONS,
-    Skip,
-    best_loop,
-    make_system,
+from . import _ray
+from ._measure import Result, series
+from ._registry import best_loop, entry, names
+from ._report import (
+    README_PATH,
+    Target,
+    med,
+    render_latency,
+    render_payloads,
+    render_scaling,
+    render_stream,
+    targets,
+)
+from ._workloads import (
+    QUICK_SCALING_SIZES,
+    SCALING,
+    SCALING_SIZES,
+    WORKLOADS,
+    Payload,
 )
 
 __all__ = ["main"]
 
-Kind = Literal["rate", "wall", "latency"]
+_ALL_WORKLOADS = [*WORKLOADS, SCALING]
 
-#: The W3 bound: all its CPU spread perfectly over the workers.
-W3_CPU_SECONDS = _handlers.MIXED_CPU
-#: How long one measurement (start, warm-up, repeats, stop) may take.
-MEASUREMENT_TIMEOUT = 120.0
 
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """One standard workload."""
-
-    key: str
-    title: str
-    handler: str
-    count: int
-    quick_count: int
-    kind: Kind
-    warmup: int
-
-
-WORKLOADS = {
-    "W1": Workload("W1", "tiny: x * 2, no await", "tiny", 20_000, 400, "rate", 2_000),
-    "W2": Workload("W2", "io: await asyncio.sleep(0.05)", "io", 2_000, 100, "wall", 200),
-    "W3": Workload("W3", "mixed: 2 ms CPU, then sleep 20 ms", "mixed", 400, 40, "wall", 40),
-    "W4": Workload(
-        "W4", "latency: sequential round trips of x * 2", "tiny", 200, 30, "latency", 20
-    ),
-}
-#: W1 on looppool with 1, 2, 4, 8 workers.
-SCALING = "scaling"
-DEFAULT_SCALING_SIZES = (1, 2, 4, 8)
-QUICK_SCALING_SIZES = (1, 2)
-
-
-@dataclasses.dataclass
-class Result:
-    """The measurements of one system on one workload."""
-
-    workload: str
-    system: str
-    size: int
-    count: int
-    start_seconds: list[float] = dataclasses.field(default_factory=list)
-    wall_seconds: list[float] = dataclasses.field(default_factory=list)
-    rate: list[float] = dataclasses.field(default_factory=list)
-    cpu_us_per_message: list[float] = dataclasses.field(default_factory=list)
-    p50_us: list[float] = dataclasses.field(default_factory=list)
-    p99_us: list[float] = dataclasses.field(default_factory=list)
-    skipped: str | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Whether there are measurements to show."""
-        return (
-            self.skipped is None and self.error is None and bool(self.wall_seconds or self.p50_us)
-        )
-
-
-@dataclasses.dataclass
-class Target:
-    """One target line: what, whether it was met, and the numbers."""
-
-    system: str
-    name: str
-    met: bool
-    detail: str
-
-
-# ------------------------------------------------------------- measurement
-
-
-def _psutil() -> Any:
-    try:
-        return importlib.import_module("psutil")
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        return None
-
-
-def _cpu_snapshot() -> dict[int, float] | None:
-    """CPU seconds (user + system) of this process and of each descendant."""
-    psutil = _psutil()
-    if psutil is None:  # pragma: no cover
-        return None
-    me = psutil.Process()
-    snapshot: dict[int, float] = {}
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        snapshot[proc.pid] = times.user + times.system
-    return snapshot
-
-
-def _cpu_delta(before: dict[int, float] | None, after: dict[int, float] | None) -> float | None:
-    if before is None or after is None:
-        return None
-    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
-
-
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The nearest-rank percentile ``q`` (0 to 100) of sorted values."""
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
-async def _series(
-    jobs: Sequence[tuple[str, int]],
-    workload: Workload,
-    *,
-    count: int,
-    repeat: int,
-    interleave: bool,
-    start_method: str | None,
-    log: Callable[[str], None],
-) -> list[Result]:
-    """Measure each (system, size) job ``repeat`` times.
-
-    Interleaved (the default), each round starts every job afresh for one
-    run, in an order rotated each round: a burst of noise from elsewhere on
-    the machine then spreads over every system instead of landing on one.
-    """
-    results = [Result(workload.key, name, size, count) for name, size in jobs]
-    rounds, runs = (repeat, 1) if interleave else (1, repeat)
-    for number in range(rounds):
-        shift = number % len(results)
-        log(f"{workload.key}: round {number + 1}/{rounds}")
-        for result in results[shift:] + results[:shift]:
-            if result.skipped is None and result.error is None:
-                await _measure(result, workload, runs=runs, start_method=start_method, log=log)
-    return results
-
-
-async def _measure(
-    result: Result,
-    workload: Workload,
-    *,
-    runs: int,
-    start_method: str | None,
-    log: Callable[[str], None],
-) -> None:
-    """Start the system of ``result``, warm it up, time ``runs`` runs, stop it."""
-    name, count = result.system, result.count
-    label = f"{name} ({result.size} workers)"
-    system = make_system(name, result.size, start_method)
-    reply = workload.kind == "latency"
-    try:
-        system.check(workload.handler, count, reply)
-    except Skip as skip:
-        result.skipped = str(skip)
-        log(f"  {label}: skipped ({skip})")
-        return
-    try:
-        async with asyncio.timeout(MEASUREMENT_TIMEOUT):
-            t0 = time.perf_counter()
-            try:
-                await system.start(workload.handler, reply)
-                result.start_seconds.append(time.perf_counter() - t0)
-                if reply:
-                    await _latency_runs(system, workload, count, runs, result)
-                else:
-                    await _stream_runs(system, workload, count, runs, result)
-            finally:
-                await system.stop()
-    except Exception as exc:  # one broken system must not hide the others
-        result.error = f"{type(exc).__name__}: {exc}"
-        log(f"  {label}: FAILED ({result.error})")
-
-
-async def _stream_runs(
-    system: Any, workload: Workload, count: int, repeat: int, result: Result
-) -> None:
-    messages = list(range(count))
-    await system.stream(list(range(min(count, workload.warmup))))
-    for _ in range(repeat):
-        before = _cpu_snapshot()
-        t0 = time.perf_counter()
-        await system.stream(messages)
-        wall = time.perf_counter() - t0
-        cpu = _cpu_delta(before, _cpu_snapshot())
-        result.wall_seconds.append(wall)
-        result.rate.append(count / wall)
-        if cpu is not None:
-            result.cpu_us_per_message.append(cpu / count * 1e6)
-
-
-async def _latency_runs(
-    system: Any, workload: Workload, count: int, repeat: int, result: Result
-) -> None:
-    for i in range(workload.warmup):
-        await system.call(i)
-    for _ in range(repeat):
-        latencies = []
-        perf_counter = time.perf_counter
-        for i in range(count):
-            t0 = perf_counter()
-            value = await system.call(i)
-            latencies.append(perf_counter() - t0)
-            if value != i * 2:
-                raise AssertionError(f"{system.name} replied {value!r} to {i}")
-        latencies.sort()
-        result.p50_us.append(_percentile(latencies, 50) * 1e6)
-        result.p99_us.append(_percentile(latencies, 99) * 1e6)
-        result.wall_seconds.append(sum(latencies))
-
-
-# ------------------------------------------------------------------ output
-
-
-def _med(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
-def _spread(values: Sequence[float], fmt: Callable[[float], str]) -> str:
-    if len(values) == 1:
-        return fmt(values[0])
-    return f"{fmt(_med(values))} [{fmt(min(values))}-{fmt(max(values))}]"
-
-
-def _fmt_rate(v: float) -> str:
-    return f"{v:,.0f}"
-
-
-def _fmt_s(v: float) -> str:
-    return f"{v:.3f}"
-
-
-def _fmt_us(v: float) -> str:
-    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
-
-
-def _ratio(v: float | None) -> str:
-    return "" if v is None else f"{v:.2f}x"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for row in [header, *rows]:
-        cells = [
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  " + "  ".join(cells).rstrip())
-    lines.insert(1, "  " + "  ".join("-" * w for w in widths))
-    return lines
-
-
-def _family(name: str) -> str:
-    if name.startswith("limit"):
-        return "limit"
-    if name == "ppe-batch":
-        return "reference"  # needs every message up front: not a streaming peer
-    if name == "ray-call":
-        return "reference"  # Ray's bare call: the floor under looppool-ray, not a pool
-    return "looppool" if name.startswith("looppool") else "peer"
-
-
-def _best(results: Sequence[Result], family: str, key: Callable[[Result], float]) -> Result | None:
-    """The result of ``family`` whose ``key`` (lower is better) is least."""
-    candidates = [r for r in results if r.ok and _family(r.system) == family]
-    return min(candidates, key=key, default=None)
-
-
-def _not_run(results: Sequence[Result], label: Callable[[Result], str]) -> list[str]:
-    """Footnotes for the results that have no numbers: skipped, or failed."""
-    lines = []
-    for r in results:
-        if r.skipped is not None:
-            lines.append(f"  not run: {label(r)} — {r.skipped}")
-        elif r.error is not None:
-            lines.append(f"  FAILED: {label(r)} — {r.error}")
-    return lines
-
-
-def _cpu(r: Result) -> str:
-    # The mean, not the median: psutil counts CPU time in clock ticks (10 ms
-    # on Linux), so one run's figure is coarse; the mean over runs is the
-    # total CPU over the total messages.
-    if not r.cpu_us_per_message:
-        return "n/a"
-    return _fmt_us(statistics.fmean(r.cpu_us_per_message))
-
-
-def _render_stream(workload: Workload, count: int, results: Sequence[Result]) -> list[str]:
-    rate_kind = workload.kind == "rate"
-    ok = [r for r in results if r.ok]
-
-    def key(r: Result) -> float:
-        return -_med(r.rate) if rate_kind else _med(r.wall_seconds)
-
-    limit = _best(results, "limit", key)
-    peer = _best(results, "peer", key)
-
-    def ratio(r: Result, base: Result | None) -> float | None:
-        if base is None:
-            return None
-        if rate_kind:
-            return _med(r.rate) / _med(base.rate)
-        return _med(r.wall_seconds) / _med(base.wall_seconds)
-
-    main_col = "msgs/s" if rate_kind else "wall s"
-    header = [
-        "system",
-        f"{main_col} median [min-max]",
-        "CPU µs/msg mean",
-        "vs limit",
-        "vs best peer",
-    ]
-    if workload.key == "W3":
-        header.append("vs CPU bound")
-    header.append("start s")
-    bound = count * W3_CPU_SECONDS / (results[0].size if results else 1)
-    rows = []
-    for r in ok:
-        row = [
-            r.system,
-            _spread(r.rate, _fmt_rate) if rate_kind else _spread(r.wall_seconds, _fmt_s),
-            _cpu(r),
-            _ratio(ratio(r, limit)),
-            _ratio(ratio(r, peer)),
-        ]
-        if workload.key == "W3":
-            row.append(_ratio(_med(r.wall_seconds) / bound))
-        row.append(_fmt_s(_med(r.start_seconds)))
-        rows.append(row)
-    size = results[0].size if results else 0
-    lines = [
-        f"{workload.key} {workload.title} — {count:,} messages, {size} workers",
-    ]
-    lines += _table(header, rows) if rows else []
-    lines += _not_run(results, lambda r: r.system)
-    lines.append("  CPU: user + system time of the parent and every worker, per message")
-    if rate_kind:
-        lines.append("  ratios: msgs/s ÷ the limit's / the best peer's (higher is better)")
-    else:
-        lines.append("  ratios: wall time ÷ the limit's / the best peer's (lower is better)")
-    if workload.key == "W3":
-        lines.append(
-            f"  CPU bound: {count} x {W3_CPU_SECONDS * 1e3:.0f} ms / {size} workers = {bound:.3f} s"
-        )
-    if peer is not None:
-        lines.append(f"  best peer: {peer.system}")
-    return lines
-
-
-def _render_latency(workload: Workload, count: int, results: Sequence[Result]) -> list[str]:
-    ok = [r for r in results if r.ok]
-    limit = _best(results, "limit", lambda r: _med(r.p50_us))
-    peer = _best(results, "peer", lambda r: _med(r.p50_us))
-
-    def ratio(r: Result, base: Result | None, attr: str) -> float | None:
-        if base is None:
-            return None
-        return _med(getattr(r, attr)) / _med(getattr(base, attr))
-
-    header = [
-        "system",
-        "p50 µs median [min-max]",
-        "p99 µs median [min-max]",
-        "p50 vs limit",
-        "p99 vs limit",
-        "p50 vs peer",
-        "p99 vs peer",
-        "start s",
-    ]
-    rows = [
-        [
-            r.system,
-            _spread(r.p50_us, _fmt_us),
-            _spread(r.p99_us, _fmt_us),
-            _ratio(ratio(r, limit, "p50_us")),
-            _ratio(ratio(r, limit, "p99_us")),
-            _ratio(ratio(r, peer, "p50_us")),
-            _ratio(ratio(r, peer, "p99_us")),
-            _fmt_s(_med(r.start_seconds)),
-        ]
-        for r in ok
-    ]
-    size = results[0].size if results else 0
-    lines = [f"{workload.key} {workload.title} — {count} round trips, {size} workers"]
-    lines += _table(header, rows) if rows else []
-    lines += _not_run(results, lambda r: r.system)
-    lines.append("  ratios: latency ÷ the limit's / the best peer's (lower is better)")
-    if peer is not None:
-        lines.append(f"  best peer (by p50): {peer.system}")
-    return lines
-
-
-def _render_scaling(count: int, system: str, results: Sequence[Result]) -> list[str]:
-    base = next((r for r in results if r.ok and r.size == 2), None)
-    header = ["workers", "msgs/s median [min-max]", "CPU µs/msg mean", "vs 2 workers", "start s"]
-    rows = []
-    for r in [r for r in results if r.ok]:
-        rows.append(
-            [
-                str(r.size),
-                _spread(r.rate, _fmt_rate),
-                _cpu(r),
-                _ratio(_med(r.rate) / _med(base.rate)) if base else "",
-                _fmt_s(_med(r.start_seconds)),
-            ]
-        )
-    lines = [f"Scaling: W1 ({count:,} messages) on {system}"]
-    lines += _table(header, rows) if rows else []
-    lines += _not_run(results, lambda r: f"{r.size} workers")
-    return lines
-
-
-def _ray_notes(workload: Workload, results: Sequence[Result], where: str) -> list[str]:
-    """Footnotes for the Ray rows of one table: where they ran; RayPool over Ray's floor."""
-    ran = [r for r in results if r.ok and r.system in RAY_SYSTEMS]
-    if not ran:
-        return []
-    names = ", ".join(r.system for r in ran)
-    lines = [f"  {names}: measured after the other systems, on {where}"]
-    pool = next((r for r in ran if r.system == "looppool-ray"), None)
-    floor = next((r for r in ran if r.system == "ray-call"), None)
-    if workload.kind == "latency" and pool and floor:
-        lines.append(
-            f"  looppool-ray ÷ ray-call (RayPool over Ray's own round trip): "
-            f"p50 {_med(pool.p50_us) / _med(floor.p50_us):.2f}x, "
-            f"p99 {_med(pool.p99_us) / _med(floor.p99_us):.2f}x"
-        )
-    return lines
-
-
-def _targets(
-    by_workload: dict[str, list[Result]], scaling: list[Result], counts: dict[str, int]
-) -> list[Target]:
-    """Check each looppool configuration (fair rounds) against the targets."""
-    targets: list[Target] = []
-
-    def find(workload: str, system: str) -> Result | None:
-        return next((r for r in by_workload.get(workload, []) if r.system == system and r.ok), None)
-
-    names = [
-        n
-        for n in ("looppool-uvloop", "looppool-asyncio")
-        if any(r.system == n for rs in by_workload.values() for r in rs)
-    ]
-    for name in names:
-        w1, aiomp = find("W1", name), find("W1", "aiomp")
-        if w1 and aiomp:
-            ratio = _med(w1.rate) / _med(aiomp.rate)
-            targets.append(
-                Target(
-                    name,
-                    "W1 msgs/s ≥ 4 x aiomultiprocess",
-                    ratio >= 4,
-                    f"{_fmt_rate(_med(w1.rate))} vs aiomp {_fmt_rate(_med(aiomp.rate))}: "
-                    f"{ratio:.1f}x",
-                )
-            )
-        if w1 and w1.cpu_us_per_message:
-            cpu = statistics.fmean(w1.cpu_us_per_message)
-            targets.append(
-                Target(name, "W1 CPU/msg ≤ 15 µs", cpu <= 15, f"{cpu:.1f} µs per message")
-            )
-        w2 = find("W2", name)
-        limit2 = _best(by_workload.get("W2", []), "limit", lambda r: _med(r.wall_seconds))
-        if w2 and limit2:
-            ratio = _med(w2.wall_seconds) / _med(limit2.wall_seconds)
-            targets.append(
-                Target(
-                    name,
-                    "W2 wall ≤ 1.5 x limit",
-                    ratio <= 1.5,
-                    f"{_med(w2.wall_seconds):.3f} s vs {limit2.system} "
-                    f"{_med(limit2.wall_seconds):.3f} s: "
-                    f"{ratio:.2f}x",
-                )
-            )
-        w3 = find("W3", name)
-        if w3:
-            bound = counts["W3"] * W3_CPU_SECONDS / w3.size
-            ratio = _med(w3.wall_seconds) / bound
-            targets.append(
-                Target(
-                    name,
-                    "W3 wall ≤ 1.10 x CPU bound",
-                    ratio <= 1.10,
-                    f"{_med(w3.wall_seconds):.3f} s vs {bound:.3f} s: {ratio:.2f}x",
-                )
-            )
-        w4 = find("W4", name)
-        limit4 = _best(by_workload.get("W4", []), "limit", lambda r: _med(r.p50_us))
-        if w4 and limit4:
-            r50 = _med(w4.p50_us) / _med(limit4.p50_us)
-            r99 = _med(w4.p99_us) / _med(limit4.p99_us)
-            targets.append(
-                Target(
-                    name,
-                    "W4 p50 ≤ 2 x limit",
-                    r50 <= 2,
-                    f"{_fmt_us(_med(w4.p50_us))} µs vs {limit4.system} "
-                    f"{_fmt_us(_med(limit4.p50_us))} µs: "
-                    f"{r50:.2f}x",
-                )
-            )
-            targets.append(
-                Target(
-                    name,
-                    "W4 p99 ≤ 3 x limit",
-                    r99 <= 3,
-                    f"{_fmt_us(_med(w4.p99_us))} µs vs {limit4.system} "
-                    f"{_fmt_us(_med(limit4.p99_us))} µs: "
-                    f"{r99:.2f}x",
-                )
-            )
-    two = next((r for r in scaling if r.ok and r.size == 2), None)
-    eight = next((r for r in scaling if r.ok and r.size == 8), None)
-    if two and eight:
-        ratio = _med(eight.rate) / _med(two.rate)
-        targets.append(
-            Target(
-                two.system,
-                "scaling: 8 workers ≥ 70 % of 2 workers (W1)",
-                ratio >= 0.70,
-                f"{_fmt_rate(_med(eight.rate))} vs {_fmt_rate(_med(two.rate))} msgs/s: {ratio:.0%}",
-            )
-        )
-    return targets
-
-
-# -------------------------------------------------------------------- main
+# -------------------------------------------------------------- the options
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="looppool bench",
         description=(
-            "Time looppool against ProcessPoolExecutor, aiomultiprocess and a raw-pipe "
-            "limit on the standard workloads (W1 tiny, W2 io, W3 mixed, W4 latency) "
-            "and W1's scaling with the number of workers."
+            "Time looppool against ProcessPoolExecutor, aiomultiprocess and raw-pipe "
+            "limits on the standard workloads (W1 tiny, W2 io, W3 mixed, W4 latency, "
+            "W5 large payloads) and W6 (W1 and W3 at 1, 2, 4 and 8 workers)."
         ),
     )
     parser.add_argument(
@@ -590,39 +70,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--workloads",
-        default=",".join([*WORKLOADS, SCALING]),
+        default=",".join(_ALL_WORKLOADS),
         metavar="LIST",
-        help=f"comma-separated, from {', '.join([*WORKLOADS, SCALING])} (all)",
+        help=f"comma-separated, from {', '.join(_ALL_WORKLOADS)} (all)",
     )
     parser.add_argument(
         "--systems",
-        default=",".join(DEFAULT_SYSTEMS),
+        default=None,
         metavar="LIST",
-        help=f"comma-separated, from {', '.join(ALL_SYSTEMS)} (all)",
+        help=f"comma-separated, from {', '.join(names())} (all)",
     )
     parser.add_argument("--size", type=int, default=2, help="worker processes (2)")
     parser.add_argument(
         "--scaling-sizes",
         default=None,
         metavar="LIST",
-        help="worker counts for the scaling run (1,2,4,8; --quick: 1,2)",
+        help="worker counts of W6 (1,2,4,8; --quick: 1,2)",
     )
     parser.add_argument(
         "--scaling-system",
-        default=None,
+        default=README_PATH,
         metavar="NAME",
-        help="the looppool system of the scaling run (looppool-uvloop if uvloop is "
-        "installed, else looppool-asyncio)",
+        help=f"the looppool system of W6 ({README_PATH}: the README path)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="small sizes, for a smoke test (numbers mean little)"
+        "--quick",
+        action="store_true",
+        help="small sizes, for a smoke test (numbers mean little; targets are not graded)",
     )
     parser.add_argument(
         "--start-method",
         choices=["spawn", "forkserver", "fork", "default"],
         default="spawn",
         help="start method of looppool and ProcessPoolExecutor workers (spawn; "
-        "aiomultiprocess and the limit always spawn)",
+        "aiomultiprocess and the limits always spawn)",
     )
     parser.add_argument(
         "--parent-loop",
@@ -649,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split(text: str, known: Sequence[str], what: str) -> list[str]:
+def _split(text: str, known: list[str], what: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in items if t not in known]
     if unknown:
@@ -657,97 +138,172 @@ def _split(text: str, known: Sequence[str], what: str) -> list[str]:
     return items
 
 
-async def _run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str, Any]:
-    workload_keys = [k.upper() if k.upper() in WORKLOADS else k for k in args.workload_list]
-    start_method = None if args.start_method == "default" else args.start_method
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        args.system_list = _split(args.systems or ",".join(names()), names(), "system")
+        args.workload_list = _split(args.workloads.upper(), _ALL_WORKLOADS, "workload")
+        sizes = args.scaling_sizes or ",".join(
+            map(str, QUICK_SCALING_SIZES if args.quick else SCALING_SIZES)
+        )
+        args.scaling_size_list = [int(s) for s in sizes.split(",") if s.strip()]
+        if entry(args.scaling_system).family != "looppool" or entry(args.scaling_system).on_ray:
+            raise ValueError(f"W6 runs a local looppool system, not {args.scaling_system!r}")
+        if args.repeat < 1 or args.size < 1 or min(args.scaling_size_list, default=1) < 1:
+            raise ValueError("--repeat, --size and the scaling sizes must be ≥ 1")
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+# ------------------------------------------------------------------ the run
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one run measured."""
+
+    counts: dict[str, int]
+    payloads: list[tuple[Payload, int]]
+    #: Payloads that could not be made here, and why.
+    payload_notes: list[str]
+    by_workload: dict[str, list[Result]] = dataclasses.field(default_factory=dict)
+    #: W6: ``"W1"`` and ``"W3"`` on the scaling system, at each size.
+    scaling: dict[str, list[Result]] = dataclasses.field(default_factory=dict)
+    #: Why the Ray rows did not run, or None.
+    ray_note: str | None = None
+    #: Where the Ray rows ran.
+    ray_where: str = ""
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+async def _measure_all(args: argparse.Namespace) -> _Run:
     counts = {k: (w.quick_count if args.quick else w.count) for k, w in WORKLOADS.items()}
+    payloads, notes = [], []
+    for payload in WORKLOADS["W5"].payloads:
+        why = payload.available()
+        if why is None:
+            payloads.append((payload, payload.quick_count if args.quick else payload.count))
+        elif f"{payload.type} payloads — {why}" not in notes:
+            notes.append(f"{payload.type} payloads — {why}")
+    run = _Run(counts, payloads, notes)
+    start_method = None if args.start_method == "default" else args.start_method
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    load_before = os.getloadavg()[0]
-    keys = [key for key in workload_keys if key != SCALING]
-    local = [name for name in args.system_list if name not in RAY_SYSTEMS]
-    on_ray = [name for name in args.system_list if name in RAY_SYSTEMS]
-
-    def jobs(names: list[str], workload: Workload) -> list[tuple[str, int]]:
-        return [
-            (name, args.size)
-            for name in names
-            if workload.kind == "latency" or name not in LATENCY_ONLY
-        ]
-
-    async def series(names: list[str], key: str) -> list[Result]:
-        return await _series(
-            jobs(names, WORKLOADS[key]),
+    async def measure(jobs: list[tuple[str, int]], key: str) -> list[Result]:
+        return await series(
+            jobs,
             WORKLOADS[key],
             count=counts[key],
+            payloads=payloads if key == "W5" else (),
             repeat=args.repeat,
             interleave=args.interleave,
             start_method=start_method,
-            log=log,
+            log=_log,
         )
 
-    by_workload: dict[str, list[Result]] = {}
+    local = [n for n in args.system_list if not entry(n).on_ray]
+    on_ray = [n for n in args.system_list if entry(n).on_ray]
+    keys = [k for k in args.workload_list if k != SCALING]
     for key in keys:
-        by_workload[key] = await series(local, key) if local else []
-    scaling_system = args.scaling_system or (
-        "looppool-uvloop" if best_loop() == "uvloop" else "looppool-asyncio"
-    )
-    scaling: list[Result] = []
-    if SCALING in workload_keys:
-        scaling = await _series(
-            [(scaling_system, size) for size in args.scaling_size_list],
-            WORKLOADS["W1"],
-            count=counts["W1"],
-            repeat=args.repeat,
-            interleave=args.interleave,
-            start_method=start_method,
-            log=log,
-        )
-    # The Ray rows come last, in a phase of their own: Ray's daemons live
-    # only while they are measured (see ._ray).
-    ray_note: str | None = None
-    ray_where = ""
-    if on_ray and keys:
-        session = RaySession(args.size, args.ray_address)
-        log("Ray: connecting (a local instance takes a few seconds to start)")
-        t0 = time.perf_counter()
-        try:
-            ray_note = session.open()
-            if ray_note is None:
-                log(f"Ray: ready in {time.perf_counter() - t0:.1f} s: {session.where}")
-        except Exception as exc:  # installed, but it cannot start or connect: a failure
-            error = f"Ray did not start: {type(exc).__name__}: {exc}"
-            log(f"  {error}")
-            session.close()
+        run.by_workload[key] = await measure(_jobs(local, key, args.size), key)
+    if SCALING in args.workload_list:
+        for key in ("W1", "W3"):
+            jobs = [(args.scaling_system, size) for size in args.scaling_size_list]
+            run.scaling[key] = await measure(jobs, key)
+    if on_ray and any(_jobs(on_ray, key, args.size) for key in keys):
+        await _ray_phase(args, run, on_ray, keys, measure)
+    return run
+
+
+def _jobs(systems: list[str], key: str, size: int) -> list[tuple[str, int]]:
+    """The (system, size) jobs of workload ``key``: the systems that run it."""
+    return [(name, size) for name in systems if key in entry(name).workloads]
+
+
+async def _ray_phase(
+    args: argparse.Namespace,
+    run: _Run,
+    on_ray: list[str],
+    keys: list[str],
+    measure: Callable[[list[tuple[str, int]], str], Any],
+) -> None:
+    """Measure the Ray rows, last and on their own: Ray's daemons live only meanwhile."""
+    session = _ray.RaySession(args.size, args.ray_address)
+    _log("Ray: connecting (a local instance takes a few seconds to start)")
+    t0 = time.perf_counter()
+    try:
+        run.ray_note = session.open()
+        if run.ray_note is None:
+            _log(f"Ray: ready in {time.perf_counter() - t0:.1f} s: {session.where}")
+    except Exception as exc:  # installed, but it cannot start or connect: a failure
+        error = f"Ray did not start: {type(exc).__name__}: {exc}"
+        _log(f"  {error}")
+        session.close()
+        for key in keys:
+            for name, size in _jobs(on_ray, key, args.size):
+                run.by_workload[key].append(Result(key, name, size, run.counts[key], error=error))
+        return
+    try:
+        if run.ray_note is None:
+            run.ray_where = session.where
             for key in keys:
-                for name, size in jobs(on_ray, WORKLOADS[key]):
-                    by_workload[key].append(Result(key, name, size, counts[key], error=error))
+                jobs = _jobs(on_ray, key, args.size)
+                if jobs:
+                    run.by_workload[key] += await measure(jobs, key)
         else:
-            try:
-                if ray_note is None:
-                    ray_where = session.where
-                    for key in keys:
-                        by_workload[key] += await series(on_ray, key)
-                else:
-                    log(f"  {', '.join(on_ray)}: not run ({ray_note})")
-            finally:
-                session.close()
-    sections: list[list[str]] = []
-    for key in keys:
-        workload, results = WORKLOADS[key], by_workload[key]
-        if workload.kind == "latency":
-            section = _render_latency(workload, counts[key], results)
-        else:
-            section = _render_stream(workload, counts[key], results)
-        sections.append(section + _ray_notes(workload, results, ray_where))
-    if SCALING in workload_keys:
-        sections.append(_render_scaling(counts["W1"], scaling_system, scaling))
-    targets = _targets(by_workload, scaling, counts)
-    load_after = os.getloadavg()[0]
+            _log(f"  {', '.join(on_ray)}: not run ({run.ray_note})")
+    finally:
+        session.close()
 
-    loop = best_loop()
+
+# --------------------------------------------------------------- the report
+
+
+def _ray_notes(key: str, results: list[Result], where: str) -> list[str]:
+    """Footnotes for the Ray rows of one table: where they ran; RayPool over Ray's floor."""
+    ran = [r for r in results if r.ok and entry(r.system).on_ray]
+    if not ran:
+        return []
+    lines = [f"  {', '.join(r.system for r in ran)}: measured after the other systems, on {where}"]
+    pool = next((r for r in ran if r.system == "looppool-ray"), None)
+    floor = next((r for r in ran if r.system == "ray-call"), None)
+    if WORKLOADS[key].kind == "latency" and pool and floor:
+        lines.append(
+            f"  looppool-ray ÷ ray-call (RayPool over Ray's own round trip): "
+            f"p50 {med(pool.p50_us) / med(floor.p50_us):.2f}x, "
+            f"p99 {med(pool.p99_us) / med(floor.p99_us):.2f}x"
+        )
+    return lines
+
+
+def _sections(args: argparse.Namespace, run: _Run) -> list[list[str]]:
+    sections = []
+    for key, results in run.by_workload.items():
+        workload = WORKLOADS[key]
+        if workload.kind == "latency":
+            section = render_latency(workload, run.counts[key], results)
+        elif workload.kind == "bytes":
+            section = render_payloads(workload, results, run.payload_notes)
+        else:
+            section = render_stream(workload, run.counts[key], results)
+        sections.append(section + _ray_notes(key, results, run.ray_where))
+    if run.scaling:
+        sections.append(render_scaling(args.scaling_system, run.counts, run.scaling))
+    return sections
+
+
+def _print_report(
+    args: argparse.Namespace,
+    run: _Run,
+    graded: list[Target],
+    ungraded: list[str],
+    load: tuple[float, float],
+    out: Callable[[str], None],
+) -> None:
     out(
         f"looppool bench — {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}; parent loop {args.parent_loop}, "
@@ -756,27 +312,44 @@ async def _run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str
         f"median [min-max]{' (--quick: small sizes)' if args.quick else ''}"
     )
     out(
-        f"load average (1 min) {load_before:.2f} before, {load_after:.2f} after: "
+        f"load average (1 min) {load[0]:.2f} before, {load[1]:.2f} after: "
         f"on a machine busy with other work, every number is slower and noisier"
     )
     out("")
-    for section in sections:
+    for section in _sections(args, run):
         for line in section:
             out(line)
         out("")
     out("Systems:")
-    for name in dict.fromkeys([*args.system_list, *([scaling_system] if scaling else [])]):
-        if ray_note is None or name not in on_ray:
-            out(f"  {name:<17} {DESCRIPTIONS[name].format(loop=loop)}")
-    if ray_note is not None:
-        out(f"  {', '.join(on_ray)}: not run — {ray_note}")
+    used = [*args.system_list, *([args.scaling_system] if run.scaling else [])]
+    width = max(len(n) for n in used)
+    for name in dict.fromkeys(used):
+        if run.ray_note is None or not entry(name).on_ray:
+            out(f"  {name:<{width}}  {entry(name).description.format(loop=best_loop())}")
+    if run.ray_note is not None:
+        out(f"  {', '.join(n for n in used if entry(n).on_ray)}: not run — {run.ray_note}")
     out("")
-    if targets:
-        out("Targets (medians of this run):")
-        for t in targets:
+    if args.quick:
+        out("Targets: graded only in full runs (--quick numbers mean little)")
+    elif graded:
+        out(f"Targets (issue 11), graded on the README path ({README_PATH}), medians of this run:")
+        for t in graded:
             out(f"  [{'met' if t.met else 'MISSED'}] {t.system}: {t.name} — {t.detail}")
+        if ungraded:
+            out(f"  not graded (a row they compare with did not run): {', '.join(ungraded)}")
     else:
-        out("Targets: none checked (looppool, or what it is compared with, did not run)")
+        out(f"Targets: none graded ({'; '.join(ungraded) or 'nothing to compare'})")
+
+
+async def _run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
+    run = await _measure_all(args)
+    graded, ungraded = ([], []) if args.quick else targets(run.by_workload, run.counts, run.scaling)
+    load_after = os.getloadavg()[0]
+    _print_report(args, run, graded, ungraded, (load_before, load_after), out)
+    on_ray = [n for n in args.system_list if entry(n).on_ray]
+    everything = [*(r for rs in run.by_workload.values() for r in rs)]
+    everything += [r for rs in run.scaling.values() for r in rs]
     return {
         "machine": {
             "cpus": os.cpu_count(),
@@ -791,21 +364,35 @@ async def _run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str
             "start_method": args.start_method,
             "parent_loop": args.parent_loop,
             "interleave": args.interleave,
-            "counts": counts,
+            "counts": run.counts,
+            "payloads": {p.label: n for p, n in run.payloads},
             "systems": args.system_list,
-            "workloads": workload_keys,
+            "workloads": args.workload_list,
+            "scaling_system": args.scaling_system,
+            "scaling_sizes": args.scaling_size_list,
             "ray_address": args.ray_address,
         },
-        "not_run": dict.fromkeys(on_ray, ray_note) if ray_note is not None else {},
-        "results": [dataclasses.asdict(r) for rs in by_workload.values() for r in rs],
-        "scaling": [dataclasses.asdict(r) for r in scaling],
-        "targets": [dataclasses.asdict(t) for t in targets],
+        "not_run": dict.fromkeys(on_ray, run.ray_note) if run.ray_note is not None else {},
+        "results": [dataclasses.asdict(r) for rs in run.by_workload.values() for r in rs],
+        "scaling": {k: [dataclasses.asdict(r) for r in rs] for k, rs in run.scaling.items()},
+        "targets": [dataclasses.asdict(t) for t in graded],
+        "targets_not_graded": ungraded,
         "failed": [
-            f"{r.workload}/{r.system}/{r.size}"
-            for r in [*[r for rs in by_workload.values() for r in rs], *scaling]
+            f"{r.workload}/{r.system}/{r.size}{'/' + r.part if r.part else ''}"
+            for r in everything
             if r.error is not None
         ],
     }
+
+
+# ------------------------------------------------------------ leftovers
+
+
+def _psutil() -> Any:
+    try:
+        return importlib.import_module("psutil")
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return None
 
 
 def _family_tree() -> dict[int, int]:
@@ -862,26 +449,7 @@ def _leftovers(before: set[int]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, run the benchmark, print the tables; see the package."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        args.system_list = _split(args.systems, ALL_SYSTEMS, "system")
-        args.workload_list = _split(
-            ",".join(k.upper() if k.upper() in WORKLOADS else k for k in args.workloads.split(",")),
-            [*WORKLOADS, SCALING],
-            "workload",
-        )
-        sizes = args.scaling_sizes or ",".join(
-            map(str, QUICK_SCALING_SIZES if args.quick else DEFAULT_SCALING_SIZES)
-        )
-        args.scaling_size_list = [int(s) for s in sizes.split(",") if s.strip()]
-        if args.scaling_system is not None and args.scaling_system not in ALL_SYSTEMS:
-            raise ValueError(f"unknown system {args.scaling_system!r}")
-        if args.repeat < 1 or args.size < 1 or min(args.scaling_size_list, default=1) < 1:
-            raise ValueError("--repeat, --size and the scaling sizes must be ≥ 1")
-    except ValueError as exc:
-        parser.error(str(exc))
-
+    args = _parse(argv)
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if args.parent_loop == "uvloop":
         factory = importlib.import_module("uvloop").new_event_loop

@@ -14,6 +14,8 @@ neither slows the other systems nor counts in their CPU per message.
 
 This module imports nothing heavy at import time: Ray's actors import it to
 build :class:`RayCallFloor`, and ``ray`` is imported when a session opens.
+It registers its two systems in :mod:`._registry` (``on_ray``: measured in
+the Ray phase).
 """
 
 from __future__ import annotations
@@ -23,14 +25,11 @@ import importlib
 import os
 from typing import Any, Final
 
-from ._systems import LooppoolSystem, Skip, System, best_loop
+from ._registry import Skip, System, best_loop, register
+from ._systems import LooppoolSystem
 
-__all__ = ["LATENCY_ONLY", "RAY_SYSTEMS", "RayCallFloor", "RayCallSystem", "RaySession"]
+__all__ = ["RayCallFloor", "RayCallSystem", "RayPoolSystem", "RaySession"]
 
-#: The systems measured in the Ray phase of a run.
-RAY_SYSTEMS: Final = ("looppool-ray", "ray-call")
-#: Systems that only make round trips (W4).
-LATENCY_ONLY: Final = frozenset({"ray-call"})
 #: Object store of a Ray instance started here: the workloads move small values.
 OBJECT_STORE_BYTES: Final = 100 * 1024 * 1024
 #: Seconds Ray's processes get to end after ``ray.shutdown()`` before they are killed.
@@ -136,7 +135,7 @@ class RayPoolSystem(LooppoolSystem):
             self.size,
             concurrency=self.concurrency,
             max_pending=self.max_pending,
-            on_result=self._counter,
+            on_result=self.counter,
             name=f"bench-{self.name}",
         )
 
@@ -170,10 +169,10 @@ class RayCallSystem(System):
         self._actor = ray.remote(RayCallFloor).options(num_cpus=0).remote()
         await self._actor.call.remote(0)  # the actor is up: its start is timed apart
 
-    async def stream(self, messages: list[int]) -> None:
+    async def stream(self, messages: list[Any]) -> None:
         raise Skip("a bare actor call: round trips only")
 
-    async def call(self, message: int) -> Any:
+    async def call(self, message: Any) -> Any:
         return await self._actor.call.remote(message)
 
     async def stop(self) -> None:
@@ -182,3 +181,25 @@ class RayCallSystem(System):
             ray = importlib.import_module("ray")
             with contextlib.suppress(Exception):  # already dead, or Ray is shutting down
                 ray.kill(actor, no_restart=True)
+
+
+register(
+    "looppool-ray",
+    "looppool.ray.RayPool: the tuned workers as Ray async actors, one per worker (on Ray's "
+    "loop: uvloop when installed), on_result",
+    RayPoolSystem,
+    family="looppool",
+    kind="def",
+    workloads=frozenset({"W1", "W2", "W3", "W4"}),
+    on_ray=True,
+)
+register(
+    "ray-call",
+    "one bare async Ray actor, an awaited call per round trip: Ray's own latency, the floor "
+    "under looppool-ray (W4 only; a reference, not a peer)",
+    RayCallSystem,
+    family="reference",
+    kind="async def",
+    workloads=frozenset({"W4"}),
+    on_ray=True,
+)

@@ -1,17 +1,16 @@
-"""The systems under test, each behind the same small interface.
+"""The local systems under test, registered in :mod:`._registry`.
 
-Every system is driven the same way by the harness: ``start()`` (not timed),
-then timed ``stream(messages)`` runs — return once a result for every message
-has reached the parent — or ``call(message)`` round trips, then ``stop()``.
-Each adapter uses its system in the best configuration we know of; the
-choices are stated in :data:`DESCRIPTIONS` and printed with the results.
+Each adapter drives its system as its users would; the looppool rows come
+in two configurations, the *README path* (``looppool``: the defaults and
+the README's pattern) and *tuned* (``looppool-tuned-*``). The choices are
+stated in each registration's description and printed with the results.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import concurrent.futures
+import functools
 import importlib
 import math
 import multiprocessing
@@ -20,94 +19,100 @@ from typing import Any
 
 from . import _handlers
 from ._limit import LimitPool
+from ._oob import OobPool
+from ._registry import Counter, Skip, System, best_loop, has_module, register
 
 __all__ = [
-    "ALL_SYSTEMS",
-    "DEFAULT_SYSTEMS",
-    "DESCRIPTIONS",
-    "Skip",
-    "System",
-    "make_system",
+    "AiompSystem",
+    "LimitSystem",
+    "LooppoolSystem",
+    "PpeSystem",
+    "ReadmeSystem",
 ]
-
-
-class Skip(Exception):
-    """This system cannot run this workload (or not in reasonable time); why."""
-
-
-def _has_uvloop() -> bool:
-    try:
-        importlib.import_module("uvloop")
-    except ImportError:
-        return False
-    return True
-
-
-def best_loop() -> str:
-    """``"uvloop"`` when it is installed, else ``"asyncio"``."""
-    return "uvloop" if _has_uvloop() else "asyncio"
-
-
-class System(abc.ABC):
-    """One system under test, started for one workload handler."""
-
-    def __init__(self, name: str, size: int, start_method: str | None) -> None:
-        self.name = name
-        self.size = size
-        self.start_method = start_method
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name} size={self.size}>"
-
-    def check(self, handler: str, count: int, reply: bool) -> None:
-        """Raise :class:`Skip` if this system should not run the workload."""
-        return None
-
-    @abc.abstractmethod
-    async def start(self, handler: str, reply: bool) -> None:
-        """Start the processes for ``handler``; ``reply``: for ``call()``."""
-
-    @abc.abstractmethod
-    async def stream(self, messages: list[int]) -> None:
-        """Send every message; return once all their results have arrived."""
-
-    @abc.abstractmethod
-    async def call(self, message: int) -> Any:
-        """One round trip: send, and return the reply."""
-
-    @abc.abstractmethod
-    async def stop(self) -> None:
-        """Stop every process this system started; idempotent."""
-
-
-class _Counter:
-    """Counts stream results and wakes the harness at the last one."""
-
-    def __init__(self) -> None:
-        self.left = 0
-        self.done: asyncio.Future[None] | None = None
-
-    def arm(self, count: int) -> asyncio.Future[None]:
-        self.left = count
-        self.done = asyncio.get_running_loop().create_future()
-        if count == 0:
-            self.done.set_result(None)
-        return self.done
-
-    def __call__(self, value: Any) -> None:
-        self.left -= 1
-        if self.left == 0 and self.done is not None and not self.done.done():
-            self.done.set_result(None)
 
 
 # ------------------------------------------------------------------ looppool
 
 
-class LooppoolSystem(System):
-    """looppool: ``put`` with ``on_result`` for streams, ``submit`` for calls.
+def _looppool() -> Any:
+    return importlib.import_module("looppool")
 
-    ``concurrency`` and ``max_pending`` are set high enough that neither
-    limits a workload (every W2 message can be sleeping at once).
+
+def _check_looppool(loop: str) -> None:
+    try:
+        _looppool().Pool  # noqa: B018 - the check is the attribute lookup
+    except (ImportError, AttributeError) as exc:
+        raise Skip(f"looppool.Pool is not importable ({exc})") from exc
+    if loop == "uvloop" and not has_module("uvloop"):
+        raise Skip("uvloop is not installed")
+
+
+class ReadmeSystem(System):
+    """looppool as the README teaches it: the *README path*.
+
+    ``Pool(W, size=n)`` with every option at its default (``loop="auto"``,
+    ``concurrency``, ``max_pending``, no ``on_result``) but the start method
+    (the harness's, for every system); an ``async def process_message``.
+    Streams: one task awaits ``pool.put(x)`` for every message while another
+    runs ``async for r in pool.results()`` (the handler calls
+    ``self.put_result``); round trips: ``await pool.submit(x)``.
+    """
+
+    def __init__(self, name: str, size: int, start_method: str | None) -> None:
+        super().__init__(name, size, start_method)
+        self._pool: Any = None
+        self._reader: asyncio.Task[None] | None = None
+
+    def check(self, handler: str, count: int, reply: bool) -> None:
+        _check_looppool("auto")
+
+    async def start(self, handler: str, reply: bool) -> None:
+        stream_cls, reply_cls = _handlers.README_WORKERS[handler]
+        self._pool = _looppool().Pool(
+            reply_cls if reply else stream_cls, size=self.size, start_method=self.start_method
+        )
+        await self._pool.start()
+        if not reply:
+            self._reader = asyncio.create_task(self._read(self._pool))
+
+    async def _read(self, pool: Any) -> None:
+        counter = self.counter
+        async for result in pool.results():
+            counter(result)
+
+    async def stream(self, messages: list[Any]) -> None:
+        done = self.counter.arm(len(messages))
+        put = self._pool.put
+        for message in messages:
+            await put(message)
+        # The reader ends only when the pool stops: should it fail, say so
+        # here instead of waiting for results that will never be counted.
+        assert self._reader is not None
+        await asyncio.wait({done, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+        if not done.done():
+            self._reader.result()
+            raise RuntimeError("results() ended before every result arrived")
+
+    async def call(self, message: Any) -> Any:
+        return await self._pool.submit(message)
+
+    async def stop(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await pool.stop()
+            finally:
+                if self._reader is not None:
+                    reader, self._reader = self._reader, None
+                    await reader  # results() ends once the pool has stopped
+
+
+class LooppoolSystem(System):
+    """looppool, tuned: ``put`` with ``on_result`` for streams, ``submit`` for calls.
+
+    A plain ``def`` handler where the workload does not await, and
+    ``concurrency`` and ``max_pending`` high enough that neither limits a
+    workload (every W2 message can be sleeping at once).
     """
 
     def __init__(
@@ -127,16 +132,9 @@ class LooppoolSystem(System):
         self.concurrency = concurrency
         self.max_pending = max_pending
         self._pool: Any = None
-        self._counter = _Counter()
 
     def check(self, handler: str, count: int, reply: bool) -> None:
-        try:
-            looppool = importlib.import_module("looppool")
-            looppool.Pool  # noqa: B018 - the check is the attribute lookup
-        except (ImportError, AttributeError) as exc:
-            raise Skip(f"looppool.Pool is not importable ({exc})") from exc
-        if self.loop == "uvloop" and not _has_uvloop():
-            raise Skip("uvloop is not installed")
+        _check_looppool(self.loop)
 
     async def start(self, handler: str, reply: bool) -> None:
         stream_cls, reply_cls = _handlers.WORKERS[handler]
@@ -145,8 +143,7 @@ class LooppoolSystem(System):
 
     def _new_pool(self, worker: Any) -> Any:
         """The pool to measure, not started (``looppool-ray`` makes a RayPool)."""
-        looppool = importlib.import_module("looppool")
-        return looppool.Pool(
+        return _looppool().Pool(
             worker,
             size=self.size,
             loop=self.loop,
@@ -154,18 +151,18 @@ class LooppoolSystem(System):
             concurrency=self.concurrency,
             max_pending=self.max_pending,
             distribution=self.distribution,
-            on_result=self._counter,
+            on_result=self.counter,
             name=f"bench-{self.name}",
         )
 
-    async def stream(self, messages: list[int]) -> None:
-        done = self._counter.arm(len(messages))
+    async def stream(self, messages: list[Any]) -> None:
+        done = self.counter.arm(len(messages))
         put = self._pool.put
         for message in messages:
             await put(message)
         await done
 
-    async def call(self, message: int) -> Any:
+    async def call(self, message: Any) -> Any:
         return await self._pool.submit(message)
 
     async def stop(self) -> None:
@@ -178,28 +175,49 @@ class LooppoolSystem(System):
 
 
 class LimitSystem(System):
-    """The raw-pipe floor (:mod:`._limit`); children always spawned."""
+    """A raw-pipe floor (:mod:`._limit`, or :mod:`._oob` for W5); children always spawned.
 
-    def __init__(self, name: str, size: int, start_method: str | None, *, loop: str) -> None:
+    ``kind``: the handler it runs, a plain ``def`` or an ``async def`` (one
+    task per message in the child, as a hand-written pool of async workers
+    would); for W2 and W3 every handler is an ``async def``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        start_method: str | None,
+        *,
+        loop: str,
+        kind: str = "def",
+        oob: bool = False,
+    ) -> None:
         super().__init__(name, size, start_method)
         self.loop = loop
-        self._pool: LimitPool | None = None
-        self._counter = _Counter()
+        self.kind = kind
+        self.oob = oob
+        self._pool: LimitPool | OobPool | None = None
+
+    def check(self, handler: str, count: int, reply: bool) -> None:
+        if self.loop == "uvloop" and not has_module("uvloop"):
+            raise Skip("uvloop is not installed")
 
     async def start(self, handler: str, reply: bool) -> None:
-        plain, _ = _handlers.HANDLERS[handler]
-        self._pool = LimitPool(plain, self.size, loop_kind=self.loop, on_result=self._counter)
+        plain, coroutine = _handlers.HANDLERS[handler]
+        chosen = coroutine if self.kind == "async def" else plain
+        pool_cls = OobPool if self.oob else LimitPool
+        self._pool = pool_cls(chosen, self.size, loop_kind=self.loop, on_result=self.counter)
         await self._pool.start()
 
-    async def stream(self, messages: list[int]) -> None:
+    async def stream(self, messages: list[Any]) -> None:
         assert self._pool is not None
-        done = self._counter.arm(len(messages))
+        done = self.counter.arm(len(messages))
         put = self._pool.put
         for message in messages:
             put(message)
         await done
 
-    async def call(self, message: int) -> Any:
+    async def call(self, message: Any) -> Any:
         assert self._pool is not None
         return await self._pool.submit(message)
 
@@ -210,6 +228,14 @@ class LimitSystem(System):
 
 
 # ------------------------------------------------------- ProcessPoolExecutor
+
+
+def _check(counter: Counter, results: list[Any]) -> None:
+    """Show ``counter`` every result, when it checks them (W5; only then: it costs)."""
+    if counter.expect is not None:
+        counter.arm(len(results))
+        for result in results:
+            counter(result)
 
 
 class PpeSystem(System):
@@ -277,7 +303,7 @@ class PpeSystem(System):
             )
         )
 
-    async def stream(self, messages: list[int]) -> None:
+    async def stream(self, messages: list[Any]) -> None:
         loop = asyncio.get_running_loop()
         executor, handler = self._executor, self._handler
         if self.batched:
@@ -292,11 +318,12 @@ class PpeSystem(System):
             )
         else:
             call = _handlers.ppe_call
-            await asyncio.gather(
+            results = await asyncio.gather(
                 *(loop.run_in_executor(executor, call, handler, m) for m in messages)
             )
+            _check(self.counter, results)
 
-    async def call(self, message: int) -> Any:
+    async def call(self, message: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._executor, _handlers.ppe_call, self._handler, message
@@ -339,7 +366,7 @@ class AiompSystem(System):
         kwargs: dict[str, Any] = {}
         if self.tuned:
             kwargs["childconcurrency"] = 4096
-            if _has_uvloop():
+            if has_module("uvloop"):
                 kwargs["loop_initializer"] = importlib.import_module("uvloop").new_event_loop
         # aiomultiprocess uses its own global context (spawn by default);
         # the pool's processes start in the constructor.
@@ -348,10 +375,10 @@ class AiompSystem(System):
         # make sure both are up before any timing.
         await self._pool.map(_handlers.aio_tiny, list(range(self.size * 4)))
 
-    async def stream(self, messages: list[int]) -> None:
-        await self._pool.map(self._handler, messages)
+    async def stream(self, messages: list[Any]) -> None:
+        _check(self.counter, await self._pool.map(self._handler, messages))
 
-    async def call(self, message: int) -> Any:
+    async def call(self, message: Any) -> Any:
         return await self._pool.apply(self._handler, (message,))
 
     async def stop(self) -> None:
@@ -376,69 +403,126 @@ def _stop_aiomp_manager() -> None:
         core._manager = None  # type: ignore[attr-defined]
 
 
-# -------------------------------------------------------------------- names
-
-ALL_SYSTEMS = [
-    "limit",
-    "limit-asyncio",
-    "looppool-asyncio",
-    "looppool-uvloop",
-    "looppool-barrier",
-    "ppe",
-    "ppe-batch",
-    "aiomp",
-    "aiomp-tuned",
-    # Measured in a phase of their own, after the others (see ._ray).
-    "looppool-ray",
-    "ray-call",
-]
-DEFAULT_SYSTEMS = list(ALL_SYSTEMS)
-
-DESCRIPTIONS = {
-    "limit": "raw pipes, batched pickles, {loop} child loops (the floor)",
-    "limit-asyncio": "the limit with asyncio child loops (the floor for asyncio workers)",
-    "looppool-asyncio": "looppool, asyncio workers, fair rounds",
-    "looppool-uvloop": "looppool, uvloop workers, fair rounds",
-    "looppool-barrier": "looppool, {loop} workers, distribution='barrier'",
-    "ppe": "ProcessPoolExecutor, run_in_executor per message, a {loop} loop per process",
-    "ppe-batch": "ProcessPoolExecutor, n/size messages per call, gathered (a reference, "
-    "not a peer: needs every message up front)",
-    "aiomp": "aiomultiprocess.Pool, default settings",
-    "aiomp-tuned": "aiomultiprocess.Pool, childconcurrency=4096, uvloop",
-    "looppool-ray": "looppool.ray.RayPool: the same workers as Ray async actors, one per "
-    "worker (on Ray's loop: uvloop when installed)",
-    "ray-call": "one bare async Ray actor, an awaited call per round trip: Ray's own latency, "
-    "the floor under looppool-ray (W4 only; a reference, not a peer)",
-}
+# ------------------------------------------------------------ registrations
 
 
-def make_system(name: str, size: int, start_method: str | None) -> System:
-    """Build the named system (one of :data:`ALL_SYSTEMS`) for ``size`` workers."""
+def _register() -> None:
     loop = best_loop()
-    if name == "limit":
-        return LimitSystem(name, size, start_method, loop=loop)
-    if name == "limit-asyncio":
-        return LimitSystem(name, size, start_method, loop="asyncio")
-    if name == "looppool-asyncio":
-        return LooppoolSystem(name, size, start_method, loop="asyncio")
-    if name == "looppool-uvloop":
-        return LooppoolSystem(name, size, start_method, loop="uvloop")
-    if name == "looppool-barrier":
-        return LooppoolSystem(name, size, start_method, loop=loop, distribution="barrier")
-    if name == "ppe":
-        return PpeSystem(name, size, start_method, batched=False, loop=loop)
-    if name == "ppe-batch":
-        return PpeSystem(name, size, start_method, batched=True, loop=loop)
-    if name == "aiomp":
-        return AiompSystem(name, size, start_method, tuned=False)
-    if name == "aiomp-tuned":
-        return AiompSystem(name, size, start_method, tuned=True)
-    if name == "looppool-ray":
-        from ._ray import RayPoolSystem
 
-        return RayPoolSystem(name, size, start_method)
-    if name == "ray-call":
-        from ._ray import RayCallSystem
+    def looppool_tuned(loop: str, distribution: str = "rounds") -> Callable[..., System]:
+        def make(name: str, size: int, start_method: str | None) -> System:
+            return LooppoolSystem(name, size, start_method, loop=loop, distribution=distribution)
 
-        return RayCallSystem(name, size, start_method)
-    raise ValueError(f"unknown system {name!r}; known: {', '.join(ALL_SYSTEMS)}")
+        return make
+
+    def limit(loop: str, kind: str = "def", oob: bool = False) -> Callable[..., System]:
+        def make(name: str, size: int, start_method: str | None) -> System:
+            return LimitSystem(name, size, start_method, loop=loop, kind=kind, oob=oob)
+
+        return make
+
+    small = frozenset({"W1", "W2", "W3", "W4"})
+    register(
+        "looppool",
+        "looppool as the README teaches: Pool(W, size) with default options (loop='auto': "
+        "{loop}), async def process_message, put + results() (W1-W3, W5), submit (W4)",
+        ReadmeSystem,
+        family="looppool",
+        kind="async def",
+    )
+    register(
+        "limit",
+        "raw pipes, batched pickles, {loop} child loops, def handler (the floor for "
+        "looppool-tuned-*)",
+        limit(loop),
+        family="limit",
+        kind="def",
+        workloads=small,
+    )
+    register(
+        "limit-asyncio",
+        "the limit with asyncio child loops (the floor for asyncio workers)",
+        limit("asyncio"),
+        family="limit",
+        kind="def",
+        workloads=small,
+    )
+    register(
+        "limit-async",
+        "the limit with an async def handler, one task per message in the child, {loop} "
+        "child loops (the floor for looppool; W1 and W4 only: W2's and W3's handlers are "
+        "async def in every limit)",
+        limit(loop, "async def"),
+        family="limit",
+        kind="async def",
+        workloads=frozenset({"W1", "W4"}),
+    )
+    register(
+        "limit-oob",
+        "raw pipes, pickle protocol 5, out-of-band buffers written and read with "
+        "writev/readv, no copy but the pipe's; async def handler, {loop} child loops "
+        "(W5's floor)",
+        limit(loop, "async def", oob=True),
+        family="limit",
+        kind="async def",
+        workloads=frozenset({"W5"}),
+    )
+    register(
+        "looppool-tuned-uvloop",
+        "looppool tuned: uvloop workers, def handler, on_result, concurrency=4096, "
+        "max_pending=2**20",
+        looppool_tuned("uvloop"),
+        family="looppool",
+        kind="def",
+        workloads=small,
+    )
+    register(
+        "looppool-tuned-asyncio",
+        "looppool tuned, with asyncio workers",
+        looppool_tuned("asyncio"),
+        family="looppool",
+        kind="def",
+        workloads=small,
+    )
+    register(
+        "looppool-tuned-barrier",
+        "looppool tuned, {loop} workers, distribution='barrier'",
+        looppool_tuned(loop, "barrier"),
+        family="looppool",
+        kind="def",
+        workloads=small,
+    )
+    register(
+        "ppe",
+        "ProcessPoolExecutor, run_in_executor per message, a {loop} loop per process",
+        functools.partial(PpeSystem, batched=False, loop=loop),
+        family="peer",
+        kind="def",
+    )
+    register(
+        "ppe-batch",
+        "ProcessPoolExecutor, n/size messages per call, gathered (a reference, not a peer: "
+        "needs every message up front)",
+        functools.partial(PpeSystem, batched=True, loop=loop),
+        family="reference",
+        kind="def",
+        workloads=small,
+    )
+    register(
+        "aiomp",
+        "aiomultiprocess.Pool, default settings",
+        functools.partial(AiompSystem, tuned=False),
+        family="peer",
+        kind="async def",
+    )
+    register(
+        "aiomp-tuned",
+        "aiomultiprocess.Pool, childconcurrency=4096, uvloop",
+        functools.partial(AiompSystem, tuned=True),
+        family="peer",
+        kind="async def",
+        workloads=small,
+    )
+
+
+_register()
