@@ -550,7 +550,7 @@ async def test_state_put_to_each_worker_comes_before_later_shared_messages(
 async def test_shared_messages_waiting_for_directed_ones_do_not_fill_the_window(
     make: Any,
 ) -> None:
-    """Barrier mode: shared messages a worker took and holds back leave room for what they wait for."""
+    """Barrier mode: shared messages a worker took and holds back leave room for those awaited."""
     pool = make(w.SafeSlow, size=1, distribution="barrier", concurrency=2)
     async with pool:
         for i in range(3):  # the third waits in the parent: the window holds two
