@@ -9,6 +9,7 @@
     │                             asyncio.QueueFull)
     ├── WorkerStartError          a worker's process or initialise() failed at start
     ├── WorkerLost                the worker process holding a message died
+    ├── MessageTimeout            a message ran past its deadline (also a TimeoutError)
     ├── PoolBroken                workers keep dying on start: the pool gave up
     ├── RemoteError               a worker's exception that could not cross the
     │                             process boundary (unpicklable), as text
@@ -22,6 +23,7 @@ import asyncio
 
 __all__ = [
     "LooppoolError",
+    "MessageTimeout",
     "PoolBroken",
     "PoolClosed",
     "QueueFull",
@@ -102,6 +104,27 @@ class WorkerLost(LooppoolError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.number, self.pid, self.exitcode))
+
+
+class MessageTimeout(LooppoolError, TimeoutError):
+    """A message ran longer than its deadline (``message_timeout``, or ``timeout=``).
+
+    Its handler was cancelled inside the worker at the deadline
+    (``CancelledError`` in ``process_message``, so ``finally`` blocks ran) and
+    the message counts as failed. ``timeout`` is the deadline in seconds and
+    ``number`` the worker that ran it.
+    """
+
+    def __init__(self, timeout: float, number: int) -> None:
+        self.timeout = timeout
+        self.number = number
+        super().__init__(
+            f"the message ran longer than its timeout of {timeout:g} s in worker {number}; "
+            "its handler was cancelled"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.timeout, self.number))
 
 
 class PoolBroken(LooppoolError):

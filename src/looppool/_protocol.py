@@ -26,8 +26,9 @@ HEADER: Final = struct.Struct("!I")
 PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
 
 # parent -> worker
-OP_MSG: Final = 1  # (OP_MSG, id, want_reply, payload)
+OP_MSG: Final = 1  # (OP_MSG, id, want_reply, payload[, timeout]): timeout in seconds, if any
 OP_STOP: Final = 2  # (OP_STOP, cancel)
+OP_CANCEL: Final = 3  # (OP_CANCEL, id): cancel that message if it runs (its submit was cancelled)
 
 # worker -> parent
 EV_READY: Final = 10  # (EV_READY, pid)
@@ -38,11 +39,14 @@ EV_LOG: Final = 14  # (EV_LOG, record dict)
 EV_TAKEN: Final = 15  # (EV_TAKEN, id): barrier mode, taken from the shared queue
 EV_BLOCKED: Final = 16  # (EV_BLOCKED,): a blocked-loop episode began
 EV_BYE: Final = 17  # (EV_BYE,): clean exit follows
+EV_ALIVE: Final = 18  # (EV_ALIVE, rss): the loop turns (hang_timeout); rss in bytes, or 0
+EV_STACK: Final = 19  # (EV_STACK, text): the loop has not turned for a while; where it is stuck
 
 # EV_DONE statuses
 DONE_OK: Final = 0  # payload: pickled reply, or None when no reply was asked for
 DONE_FAILED: Final = 1  # payload: None, or (pickled exception | None, type name, repr, traceback)
-DONE_CANCELLED: Final = 2  # cancelled by a Worker pool's stop
+DONE_CANCELLED: Final = 2  # cancelled: a Worker pool's stop, or its submit() was cancelled
+DONE_TIMED_OUT: Final = 3  # cancelled at its deadline; payload as for DONE_FAILED
 
 PIPE_SIZE: Final = 1 << 20
 # Bytes per non-blocking read: a 1 MiB read costs ~15 µs even when little is there.

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from . import _protocol as P
+from ._errors import MessageTimeout
 from ._worker import Worker
 
 CANCEL_GRACE: Final = 1.0  # seconds a cancelled Worker's tasks get to run their finally blocks
@@ -68,11 +69,16 @@ class MessageRunner:
         self.dumps = dumps
         self.loads = loads
         self.log = log
-        self.tasks: set[asyncio.Task[None]] = set()
+        # The messages running as tasks, by id (a plain def handler never is one).
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        # Deadlines: the timer of each message that has one, and those that expired.
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._expired: dict[int, float] = {}
         self.start_exit: SystemExit | None = None  # sys.exit() in initialise()
         self.in_flight = 0
         self.processed = 0
         self.failed = 0
+        self.timed_out = 0
         self.worker: Worker | None = None
         self._process: Callable[[Any], Any] = _not_started
 
@@ -112,6 +118,7 @@ class MessageRunner:
             "messages.in_flight": self.in_flight,
             "messages.processed": self.processed,
             "messages.failed": self.failed,
+            "messages.timed_out": self.timed_out,
         }
 
     def put_result(self, value: Any) -> None:
@@ -119,8 +126,16 @@ class MessageRunner:
         # process_message and fails that message, not a whole frame.
         self.emit((P.EV_RESULT, self.dumps(value)))
 
-    def start(self, mid: int, want_reply: bool, payload: bytes) -> None:
-        """Start one message: inline if the handler is plain, as a task if it awaits."""
+    def start(
+        self, mid: int, want_reply: bool, payload: bytes, timeout: float | None = None
+    ) -> None:
+        """Start one message: inline if the handler is plain, as a task if it awaits.
+
+        ``timeout`` (seconds): cancel its task at that deadline, and fail it
+        with :class:`~looppool.MessageTimeout`. A plain ``def`` handler runs
+        to its end in one go, so a deadline cannot interrupt it (the pool's
+        ``hang_timeout`` covers one that never returns).
+        """
         self.in_flight += 1
         try:
             result = self._process(self.loads(payload))
@@ -128,11 +143,25 @@ class MessageRunner:
             self._failed(mid, want_reply, exc)
             return
         if inspect.isawaitable(result):
-            task = asyncio.get_running_loop().create_task(self._await(mid, want_reply, result))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            loop = asyncio.get_running_loop()
+            task = loop.create_task(self._await(mid, want_reply, result))
+            self.tasks[mid] = task
+            if timeout is not None:
+                self._timers[mid] = loop.call_later(timeout, self._expire, mid, timeout)
         else:
             self._succeeded(mid, want_reply, result)
+
+    def cancel(self, mid: int) -> None:
+        """Cancel message ``mid`` if it runs here (its ``submit()`` was cancelled)."""
+        task = self.tasks.get(mid)
+        if task is not None:
+            task.cancel()
+
+    def _expire(self, mid: int, timeout: float) -> None:
+        task = self.tasks.get(mid)
+        if task is not None and not task.done():
+            self._expired[mid] = timeout
+            task.cancel()
 
     def refuse(self, mid: int) -> None:
         """Report a message that arrived after the stop began: it was not started."""
@@ -144,17 +173,31 @@ class MessageRunner:
             result = await awaitable
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # Cancelled by a Worker pool's stop: the message is lost.
+            timeout = self._expired.pop(mid, None)
+            if timeout is not None and task is not None:
+                # Cancelled at its deadline: the message failed, and the task
+                # ends normally (its cancellation was ours, and is spent).
+                task.uncancel()
+                self.timed_out += 1
+                self._failed(mid, want_reply, MessageTimeout(timeout, self.number), timed_out=True)
+            elif task is not None and task.cancelling():
+                # Cancelled by a Worker pool's stop, or because its submit()
+                # was cancelled: the message did not finish.
                 self._done(mid, P.DONE_CANCELLED, None)
                 raise
-            # The handler's own CancelledError (an inner task it awaited was
-            # cancelled): nobody cancelled this message, so it failed.
-            self._failed(mid, want_reply, exc)
+            else:
+                # The handler's own CancelledError (an inner task it awaited
+                # was cancelled): nobody cancelled this message, so it failed.
+                self._failed(mid, want_reply, exc)
         except Exception as exc:
             self._failed(mid, want_reply, exc)
         else:
             self._succeeded(mid, want_reply, result)
+        finally:
+            self.tasks.pop(mid, None)
+            timer = self._timers.pop(mid, None)
+            if timer is not None:
+                timer.cancel()
 
     def _done(self, mid: int, status: int, payload: Any) -> None:
         self.in_flight -= 1
@@ -178,13 +221,19 @@ class MessageRunner:
         self.processed += 1
         self._done(mid, P.DONE_OK, payload)
 
-    def _failed(self, mid: int, want_reply: bool, exc: BaseException) -> None:
+    def _failed(
+        self, mid: int, want_reply: bool, exc: BaseException, timed_out: bool = False
+    ) -> None:
         self.failed += 1
+        status = P.DONE_TIMED_OUT if timed_out else P.DONE_FAILED
         if not want_reply:
             # Nobody awaits this message: the parent's log is where it shows
             # (tagged there with the worker number).
-            self.log.error("process_message raised %s", type(exc).__name__, exc_info=exc)
-            self._done(mid, P.DONE_FAILED, None)
+            if timed_out:
+                self.log.warning("%s", exc)
+            else:
+                self.log.error("process_message raised %s", type(exc).__name__, exc_info=exc)
+            self._done(mid, status, None)
             return
         text = format_exception(exc)
         try:
@@ -195,19 +244,19 @@ class MessageRunner:
         except Exception:
             pickled = None
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        self._done(mid, P.DONE_FAILED, (pickled, name, repr(exc), text))
+        self._done(mid, status, (pickled, name, repr(exc), text))
 
     async def finish_in_flight(self, cancel: bool) -> None:
         """Wait for the messages in flight; cancel them first if ``cancel`` (Worker's stop)."""
         if not self.tasks:
             return
         if cancel:
-            for task in self.tasks:
+            for task in self.tasks.values():
                 task.cancel()
-            await asyncio.wait(set(self.tasks), timeout=CANCEL_GRACE)
+            await asyncio.wait(set(self.tasks.values()), timeout=CANCEL_GRACE)
         else:
             while self.tasks:
-                await asyncio.wait(set(self.tasks))
+                await asyncio.wait(set(self.tasks.values()))
 
 
 def _not_started(message: Any) -> Any:

@@ -236,9 +236,9 @@ class InlinePool(PoolCore[_InlineSlot]):
             # Killed (stop's timeout, or a cancelled stop): what runs in this
             # worker is cancelled, as a process pool would kill it. The task
             # ends here; the pool that cancelled it waits for slot.exited.
-            for task in runner.tasks:
+            for task in runner.tasks.values():
                 task.cancel()
-            await asyncio.gather(*runner.tasks, return_exceptions=True)
+            await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
             # Unlike a killed process, this worker shares the test's process:
             # release what initialise() opened, so nothing leaks into the next
             # test. What it sends now is dropped, as a killed process's would be.
