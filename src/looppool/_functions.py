@@ -54,7 +54,7 @@ _IMPORTABLE = (
 
 class FunctionWorker(SafeWorker):
     """The built-in worker that runs plain functions: a pool of it serves
-    :meth:`Pool.run() <looppool.Pool.run>`, :meth:`~looppool.Pool.map` and
+    :meth:`~looppool.Pool.run`, :meth:`~looppool.Pool.map` and
     :meth:`~looppool.Pool.starmap`::
 
         async with looppool.Pool(looppool.FunctionWorker, size=4) as pool:
