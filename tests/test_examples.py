@@ -100,3 +100,20 @@ def test_typed_usage_runs() -> None:
 
 
 # examples/typed_usage.py is checked by `mypy --strict` in the nox session `types`.
+
+
+def test_typed_usage_runs_plain_functions() -> None:
+    """The typed example's FunctionWorker section: run, map and starmap of typed functions."""
+    out = run_example("typed_usage.py").stdout
+    assert "run: 4 words; 'echo echo'" in out
+    assert "map: [4, 4, 1]; starmap: ['hip hip', 'ho']" in out
+
+
+def test_functions() -> None:
+    """Plain functions without a Worker class: run, map (sync and async sources), starmap."""
+    out = run_example("functions.py", "--smoke").stdout
+    assert "run: digest(b'secret') = " in out
+    assert "map: 40 digests in input order, window 8" in out
+    assert "map of an async function over an async source: 2 workers served it" in out
+    assert "starmap: ['" in out
+    assert "run raised ValueError(an empty password); worker traceback attached: True" in out

@@ -12,6 +12,7 @@ PACKAGE_DIR = Path(looppool.__file__).resolve().parent
 
 #: What ``from looppool import *`` gives; a change here is a change of the public API.
 EXPORTED = {
+    "FunctionWorker",
     "LooppoolError",
     "Pool",
     "PoolBroken",

@@ -803,3 +803,60 @@ def test_ray_pool_repr_counts_actors_in_words(size: int, noun: str) -> None:
     """A RayPool's repr says "1 actor", "2 actors" (checked before start: no Ray instance)."""
     pool = RayPool(w.Echo, size, name="echoes")
     assert f"'echoes' new, {noun} 0 in flight" in repr(pool)
+
+
+# -- plain functions: a FunctionWorker RayPool ------------------------------------------------
+
+import contextlib  # noqa: E402
+
+import function_workers as fw  # noqa: E402
+
+
+@pytest.fixture
+async def turnstile() -> AsyncIterator[fw.Turnstile]:
+    """A Turnstile served by the test: calls wait at it until let through."""
+    directory = tempfile.mkdtemp(prefix="lp-")  # short: a Unix socket path is limited
+    gate = fw.Turnstile(os.path.join(directory, "turnstile"))
+    await gate.serve()
+    yield gate
+    gate.open()
+    await gate.close()
+    shutil.rmtree(directory)
+
+
+async def test_run_calls_plain_and_async_functions_in_actors() -> None:
+    """run() returns what a function returned, or raises what it raised, from an actor."""
+    async with RayPool(looppool.FunctionWorker, 2) as pool:
+        assert await pool.run(fw.add, 1, 2, z=3) == 6
+        assert await pool.run(fw.async_add, 1, 2, z=3) == 6
+        with pytest.raises(ValueError, match="no good") as caught:
+            await pool.run(fw.async_fail, "no good")
+        assert isinstance(caught.value.__cause__, looppool.RemoteTraceback)
+        with pytest.raises(TypeError, match="top level of a module"):
+            await pool.run(lambda: 0)
+
+
+async def test_map_and_starmap_in_actors() -> None:
+    """map() and starmap() yield every result from the actors, in order or as completed."""
+    async with RayPool(looppool.FunctionWorker, 2) as pool:
+        assert [r async for r in pool.map(fw.square, range(20))] == [i * i for i in range(20)]
+        got = [r async for r in pool.map(fw.async_square, range(20), ordered=False)]
+        assert sorted(got) == [i * i for i in range(20)]
+        pairs = [(i, i) for i in range(5)]
+        assert [r async for r in pool.starmap(fw.add, pairs)] == [0, 2, 4, 6, 8]
+
+
+async def test_map_window_and_early_exit_in_actors(turnstile: fw.Turnstile) -> None:
+    """map()'s window bounds the calls in the actors; leaving it early cancels the rest."""
+    async with RayPool(looppool.FunctionWorker, 2) as pool:
+        results = pool.map(functools.partial(fw.hold, turnstile), range(50), window=3)
+        async with contextlib.aclosing(results):
+            first = asyncio.ensure_future(anext(results))
+            await turnstile.arrivals(3)
+            assert pool.stats().pending == turnstile.waiting == 3
+            turnstile.release(0)
+            assert await first == 0
+        # Left early: its tasks are cancelled and awaited; nothing more is sent.
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("looppool.")]
+        turnstile.open()  # what reached an actor runs there: let it end before the stop
+    assert pool.stats().put == 3

@@ -12,6 +12,7 @@ from ._errors import RemoteError as RemoteError
 from ._errors import RemoteTraceback as RemoteTraceback
 from ._errors import WorkerLost as WorkerLost
 from ._errors import WorkerStartError as WorkerStartError
+from ._functions import FunctionWorker as FunctionWorker
 from ._pool import Pool as Pool
 from ._worker import SafeWorker as SafeWorker
 from ._worker import Worker as Worker
@@ -26,6 +27,7 @@ from ._worker import WorkerFactory as WorkerFactory
 __version__ = "1.0.0.dev0"
 
 __all__ = [
+    "FunctionWorker",
     "LooppoolError",
     "Pool",
     "PoolBroken",
