@@ -53,7 +53,7 @@ from ._errors import (
     WorkerLost,
     WorkerStartError,
 )
-from ._ledger import Ledger, Msg, Outcome, Slot, SlotState
+from ._ledger import Ledger, Msg, NoWorkerLeft, Outcome, Slot, SlotState
 from ._results import ResultCallback, ResultStream
 from ._worker import Worker
 
