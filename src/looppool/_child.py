@@ -28,11 +28,13 @@ The module stays light: a spawned worker imports it and the user's module only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import select
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -64,6 +66,12 @@ class ChildConfig:
     shared_queue: SharedReader | None = None
     barrier: Any = None  # barrier mode: multiprocessing.Barrier
     monitor: dict[str, Any] | None = None  # WorkerMonitor options, or None
+    # The heartbeat, once ready: EV_ALIVE every ``beat`` seconds when nothing
+    # else was sent (always, with the RSS, if ``report_rss``); with
+    # ``hang_timeout``, a watcher thread reports where a stuck loop is.
+    beat: float | None = None
+    hang_timeout: float | None = None
+    report_rss: bool = False
 
 
 def worker_main(cfg: ChildConfig) -> None:
@@ -142,31 +150,64 @@ def _watch_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="looppool-parent-watcher", daemon=True).start()
 
 
+#: Bytes a worker may have waiting for its result pipe (the parent reads it
+#: slowly, or not at all while its results() consumer lags) before it starts
+#: no more messages and ``put_result_wait()`` waits: memory stays bounded.
+OUTBOX_LIMIT: Final = 4 << 20
+
+
 class Outbox:
     """Collects what the worker sends and writes it as one frame per loop turn.
 
     Items come from the loop thread (results, acks) and from any thread
     (log records). The first item of a batch schedules one flush on the loop;
     until the loop is attached, or after it is gone, items are written at once.
+
+    While the loop runs, the pipe is written without blocking: what the pipe
+    does not take waits in ``_unsent`` and goes out when the loop sees the
+    pipe writable, so a parent that reads slowly never blocks the worker's
+    loop (its handlers, timers and heartbeat go on). Above ``OUTBOX_LIMIT``
+    bytes waiting, ``over`` is true until half of it has gone: the runtime
+    then stops reading new messages, and ``wait_room()`` waits.
     """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        # One lock guards both the batch and the write: with two flushers
-        # (the loop, and a thread logging after the loop closed) a batch taken
-        # first must also be written first, or events would arrive reordered.
+        # One lock guards the batch, the unsent bytes and the write: with two
+        # flushers (the loop, and a thread logging after the loop closed, or
+        # the hang watcher) a batch taken first must also be written first,
+        # or events would arrive reordered.
         self._lock = threading.Lock()
         self._items: list[tuple[Any, ...]] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        self._unsent = bytearray()
+        self._watching = False  # add_writer is on
+        self.over = False
+        #: Called on the loop when ``over`` turns false again.
+        self.on_room: Callable[[], None] | None = None
+        self._room_waiters: list[asyncio.Future[None]] = []
+        #: When a frame was last written (time.monotonic()): the heartbeat skips a beat after one.
+        self.last_write = 0.0
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._loop_thread = threading.get_ident()
+        os.set_blocking(self._fd, False)
 
     def detach(self) -> None:
-        self._loop = None
+        """The loop is ending: write everything now, blocking."""
+        with self._lock:
+            loop, self._loop = self._loop, None
+            if self._watching and loop is not None and not loop.is_closed():
+                loop.remove_writer(self._fd)
+            self._watching = False
+            with contextlib.suppress(OSError):
+                os.set_blocking(self._fd, True)
+                if self._unsent:
+                    P.write_all(self._fd, self._unsent)
+            self._unsent = bytearray()
         self.flush()
 
     def add(self, item: tuple[Any, ...]) -> None:
@@ -194,7 +235,76 @@ class Outbox:
             self._scheduled = False
             items, self._items = self._items, []
             if items:
-                P.write_all(self._fd, P.encode(items))
+                self._write(P.encode(items))
+
+    def send_now(self, item: tuple[Any, ...]) -> None:
+        """Write one item at once, from any thread (the hang watcher: the loop may be stuck)."""
+        with self._lock:
+            self._write(P.encode([item]))
+
+    def _write(self, data: bytes) -> None:
+        # Called with the lock held.
+        self.last_write = time.monotonic()
+        loop = self._loop
+        try:
+            if loop is None:
+                P.write_all(self._fd, data)
+                return
+            if self._unsent:
+                self._unsent += data  # behind what waits: order matters
+            else:
+                try:
+                    written = os.write(self._fd, data)
+                except BlockingIOError:
+                    written = 0
+                if written == len(data):
+                    return
+                self._unsent += memoryview(data)[written:]
+        except OSError:
+            # EPIPE: the parent is gone (the parent watcher ends this
+            # process); nothing can be sent any more.
+            self._unsent = bytearray()
+            return
+        if len(self._unsent) > OUTBOX_LIMIT:
+            self.over = True
+        if not self._watching:
+            self._watching = True
+            if threading.get_ident() == self._loop_thread:
+                loop.add_writer(self._fd, self._on_writable)
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop is closing
+                    loop.call_soon_threadsafe(loop.add_writer, self._fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        with self._lock:
+            try:
+                written = os.write(self._fd, self._unsent)
+            except BlockingIOError:
+                return
+            except OSError:
+                written = len(self._unsent)  # the parent is gone: drop it
+            del self._unsent[:written]
+            if not self._unsent:
+                assert self._loop is not None
+                self._loop.remove_writer(self._fd)
+                self._watching = False
+            room = self.over and len(self._unsent) <= OUTBOX_LIMIT // 2
+            if room:
+                self.over = False
+        if room:
+            waiters, self._room_waiters = self._room_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            if self.on_room is not None:
+                self.on_room()
+
+    async def wait_room(self) -> None:
+        """Wait (on the loop) until less than ``OUTBOX_LIMIT`` bytes wait for the pipe."""
+        while self.over and self._loop is not None:
+            fut = self._loop.create_future()
+            self._room_waiters.append(fut)
+            await fut
 
 
 class _ForwardHandler(logging.Handler):
@@ -243,7 +353,9 @@ class _Runtime:
         # Only barrier mode counts slots of the shared listener; rounds mode
         # skips the call for every message.
         release = self._release_slot if cfg.shared_queue is not None else None
-        self.runner = MessageRunner(cfg.factory, cfg.number, outbox.add, release)
+        self.runner = MessageRunner(
+            cfg.factory, cfg.number, outbox.add, release, wait_room=outbox.wait_room
+        )
         self.loop: asyncio.AbstractEventLoop
         self.stop_requested: asyncio.Future[bool]
         # Barrier mode: the listener takes a message only when a slot is free.
@@ -254,6 +366,12 @@ class _Runtime:
         self.channel_received = 0
         self.waiting_shared: list[tuple[int, bool, bytes, int]] = []
         self.decoder = P.FrameDecoder()
+        # Back-pressure: the channel is read (and the shared queue taken from)
+        # only while the outbox has room; see Outbox.over.
+        self.reading = False
+        self.flowing = threading.Event()
+        self.flowing.set()
+        outbox.on_room = self._resume_reading
 
     async def main(self) -> None:
         self.loop = loop = asyncio.get_running_loop()
@@ -268,9 +386,17 @@ class _Runtime:
             return
         monitor = self._start_monitor()
         self.out.add((P.EV_READY, os.getpid(), worker.safe))
+        heartbeat = None
+        if self.cfg.beat is not None:
+            heartbeat = Heartbeat(
+                loop, self.out, self.cfg.beat, self.cfg.hang_timeout, self.cfg.report_rss
+            )
+            heartbeat.start()
         self._start_listeners()
         cancel = await self.stop_requested
         await self.runner.finish_in_flight(cancel)
+        if heartbeat is not None:
+            heartbeat.close()
         if monitor is not None:
             await monitor.aclose()
         await self.runner.finalise()
@@ -307,6 +433,7 @@ class _Runtime:
         fd = self.cfg.channel.fileno()
         os.set_blocking(fd, False)  # our own file description: the parent closed its copy
         self.loop.add_reader(fd, self._on_channel_readable, fd)
+        self.reading = True
         if self.cfg.shared_queue is not None:
             threading.Thread(
                 target=self._listen_shared, name="looppool-barrier-listener", daemon=True
@@ -325,7 +452,7 @@ class _Runtime:
         if frames is None:
             # The parent closed the channel without a STOP: it is gone or
             # giving up on us. Stop like a Worker.
-            self.loop.remove_reader(fd)
+            self._stop_reading()
             self._on_items([(P.OP_STOP, True)])
             return
         for items in frames:
@@ -335,8 +462,27 @@ class _Runtime:
             if self.waiting_shared:
                 self._start_waiting_shared()
             if items[-1][0] == P.OP_STOP:
-                self.loop.remove_reader(fd)
+                self._stop_reading()
                 return
+        if self.out.over:
+            # The parent does not read our results as fast as we make them:
+            # start nothing new (the messages wait in the pipe, then in the
+            # parent, whose max_pending holds the producer back) until the
+            # outbox has room again.
+            self._stop_reading()
+            self.flowing.clear()
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.cfg.channel.fileno())
+
+    def _resume_reading(self) -> None:
+        self.flowing.set()
+        if not self.reading and not self.stop_requested.done():
+            self.reading = True
+            fd = self.cfg.channel.fileno()
+            self.loop.add_reader(fd, self._on_channel_readable, fd)
 
     def _listen_shared(self) -> None:
         """Barrier mode: take one message, hand it over, *then* meet the others.
@@ -349,6 +495,7 @@ class _Runtime:
         barrier = self.cfg.barrier
         while True:
             self.slots.acquire()
+            self.flowing.wait()  # back-pressure, as for the channel
             try:
                 item = queue.get()
             except (EOFError, OSError):
@@ -401,14 +548,17 @@ class _Runtime:
     def _on_items(self, items: list[tuple[Any, ...]]) -> None:
         runner = self.runner
         for item in items:
-            if item[0] == P.OP_MSG:
+            op = item[0]
+            if op == P.OP_MSG:
                 if self.stop_requested.done():
                     # Barrier mode: the shared listener took it after the stop
                     # began. Do not start it; the parent sends it again or
                     # counts it lost.
                     runner.refuse(item[1])
                 else:
-                    runner.start(item[1], item[2], item[3])
+                    runner.start(item[1], item[2], item[3], item[4] if len(item) > 4 else None)
+            elif op == P.OP_CANCEL:
+                runner.cancel(item[1])
             elif not self.stop_requested.done():
                 self.stop_requested.set_result(bool(item[1]))
                 # Barrier mode: a shared message still waiting for channel
@@ -418,3 +568,82 @@ class _Runtime:
                 waiting, self.waiting_shared = self.waiting_shared, []
                 for waiting_item in waiting:
                     runner.refuse(waiting_item[0])
+
+
+class Heartbeat:
+    """The worker's side of ``hang_timeout`` and of memory recycling.
+
+    Every ``interval`` seconds a callback on the loop notes that the loop
+    turns and, unless a frame went to the parent meanwhile, sends EV_ALIVE
+    (always, with the process's RSS, when ``report_rss``). The parent,
+    which hears from the worker at least that often, kills it when it has not
+    for ``hang_timeout``. Before that, a thread that blocks on an Event (it
+    wakes every ``interval``, nothing busy-waits) sees the loop stuck for half
+    of ``hang_timeout`` and sends, at once and from its own thread, the stack
+    the loop's thread is stuck in, for the parent to log when it kills the
+    worker. A stopped process (SIGSTOP) runs neither: it is killed without a
+    stack.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        out: Outbox,
+        interval: float,
+        hang_timeout: float | None,
+        report_rss: bool,
+    ) -> None:
+        self._loop = loop
+        self._out = out
+        self._interval = interval
+        self._hang_timeout = hang_timeout
+        self._process: Any = None
+        if report_rss:
+            import psutil
+
+            self._process = psutil.Process()
+        self._turned = time.monotonic()
+        self._handle: asyncio.TimerHandle | None = None
+        self._stopped = threading.Event()
+        self._loop_thread = threading.get_ident()
+
+    def start(self) -> None:
+        self._beat()
+        if self._hang_timeout is not None:
+            threading.Thread(target=self._watch, name="looppool-hang-watcher", daemon=True).start()
+
+    def close(self) -> None:
+        self._stopped.set()
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def _beat(self) -> None:
+        now = self._turned = time.monotonic()
+        if self._process is not None:
+            try:
+                rss = int(self._process.memory_info().rss)
+            except Exception:  # psutil failing must not stop the heartbeat
+                rss = 0
+            self._out.add((P.EV_ALIVE, rss))
+        elif now - self._out.last_write >= self._interval:
+            self._out.add((P.EV_ALIVE, 0))
+        self._handle = self._loop.call_later(self._interval, self._beat)
+
+    def _watch(self) -> None:
+        import sys
+        import traceback
+
+        assert self._hang_timeout is not None
+        reported = False
+        while not self._stopped.wait(self._interval):
+            stuck = time.monotonic() - self._turned
+            if stuck < self._hang_timeout / 2:
+                reported = False
+                continue
+            if reported:
+                continue
+            reported = True
+            frame = sys._current_frames().get(self._loop_thread)
+            stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+            with contextlib.suppress(Exception):  # the parent may be gone
+                self._out.send_now((P.EV_STACK, f"stuck for {stuck:.1f} s in:\n{stack}"))

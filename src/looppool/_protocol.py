@@ -70,7 +70,7 @@ def enlarge_pipe(fd: int) -> None:
         pass
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """Write every byte to a blocking fd (a pipe write above PIPE_BUF may be partial)."""
     view = memoryview(data)
     while view:

@@ -57,6 +57,7 @@ class MessageRunner:
         emit: Emit,
         on_done: Callable[[int], None] | None = None,
         *,
+        wait_room: Callable[[], Awaitable[None]] | None = None,
         dumps: Callable[[Any], Any] = pickle_dumps,
         loads: Callable[[Any], Any] = pickle.loads,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
@@ -65,6 +66,7 @@ class MessageRunner:
         self.number = number
         self.emit = emit
         self.on_done = on_done
+        self.wait_room = wait_room
         # InlinePool(pickle=False) hands objects over as they are.
         self.dumps = dumps
         self.loads = loads
@@ -92,6 +94,8 @@ class MessageRunner:
                 )
             worker.number = self.number
             worker._looppool_sink = self.put_result
+            if self.wait_room is not None:
+                worker._looppool_room = self.wait_room
             self._process = worker.process_message
             await maybe_await(worker.initialise())
         except BaseException as exc:

@@ -108,6 +108,10 @@ def _warn_about_near_misses(cls: type[Worker]) -> None:
         )
 
 
+async def _no_wait() -> None:
+    return None
+
+
 def _unattached(value: Any) -> None:
     raise RuntimeError(
         "put_result() was called on a worker that no pool is running; "
@@ -151,6 +155,7 @@ class Worker:
 
     # Set by the runtime that hosts the worker (a worker process, or InlinePool).
     _looppool_sink: Callable[[Any], None] = staticmethod(_unattached)
+    _looppool_room: Callable[[], Awaitable[None]] = staticmethod(_no_wait)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -179,6 +184,19 @@ class Worker:
         pickled raises here, inside :meth:`process_message`.
         """
         self._looppool_sink(value)
+
+    async def put_result_wait(self, value: Any) -> None:
+        """Send one result, then wait while the parent is behind in reading them.
+
+        Like :meth:`put_result`, then, if more than a few megabytes of this
+        worker's results wait for the parent (whose ``results()`` consumer is
+        slower than the workers, see ``Pool(max_results=...)``), wait until
+        they have gone. A handler that puts many results per message should
+        use it, so that its memory stays bounded; ``put_result`` never waits.
+        (A worker also starts no new message while it is that far behind.)
+        """
+        self._looppool_sink(value)
+        await self._looppool_room()
 
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} number={self.number}>"
