@@ -158,7 +158,10 @@ class Turnstile:
 
     async def _on_arrival(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
-        key = int(await reader.readline())
+        line = await reader.readline()
+        if not line:
+            return  # the call was cancelled (in the worker) before it sent its key
+        key = int(line)
         self.arrived.append(key)
         if self._open:
             writer.write(b"!")

@@ -29,7 +29,7 @@ import logging
 from typing import Any, Protocol
 
 from ._distribution import Distribution
-from ._ledger import Ledger, Msg, Slot, SlotState
+from ._ledger import Ledger, Msg, Outcome, Slot, SlotState
 from ._pipes import SharedQueue
 
 __all__ = ["BarrierDistribution"]
@@ -56,6 +56,8 @@ class Host(Protocol):
 
     def _channel_sent(self, slot: Any) -> int: ...
 
+    def _send_cancel(self, slot: Any, mid: int) -> None: ...
+
 
 class BarrierDistribution(Distribution):
     """Shared messages through one queue and a Barrier; a death restarts every worker."""
@@ -71,6 +73,9 @@ class BarrierDistribution(Distribution):
         self._out: dict[int, Msg] = {}
         # The generation is ending: its workers were told to stop.
         self._regenerating = False
+        # Shared messages withdrawn (their submit was cancelled) after they
+        # were written to the queue: a worker that takes one cancels it.
+        self._withdrawn: set[int] = set()
 
     # -- the generation's shared objects ------------------------------------------
 
@@ -83,6 +88,7 @@ class BarrierDistribution(Distribution):
         return {"shared_queue": self._queue.reader, "barrier": self._barrier}
 
     def _close_queue(self) -> None:
+        self._withdrawn.clear()  # a new queue holds none of them
         # What it did not take is still in _out: the next generation gets it
         # again, or the stopping pool counts it lost.
         if self._queue is None:
@@ -148,6 +154,20 @@ class BarrierDistribution(Distribution):
         msg = self._out.pop(mid, None)
         if msg is not None:
             self._host._ledger.take(slot, msg)
+        elif mid in self._withdrawn:
+            self._withdrawn.discard(mid)
+            self._host._send_cancel(slot, mid)
+
+    def withdraw(self, msg: Msg) -> None:
+        if self._out.pop(msg.id, None) is msg:
+            self._host._ledger.end(msg, Outcome.CANCELLED)
+            if self._queue is not None:
+                self._withdrawn.add(msg.id)
+
+    def retire(self, slot: Slot) -> bool:
+        # One worker cannot leave a Barrier: the whole generation is replaced.
+        self._begin_restart()
+        return True
 
     def find(self, mid: int) -> Msg | None:
         return self._out.pop(mid, None)

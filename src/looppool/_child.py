@@ -42,7 +42,7 @@ from typing import Any, Final
 
 from . import _protocol as P
 from ._pipes import SharedReader
-from ._runner import MessageRunner
+from ._runner import Heartbeat, MessageRunner
 from ._worker import Worker
 
 EXIT_ORPHANED: Final = 70  # the parent died; the worker ended itself
@@ -389,7 +389,13 @@ class _Runtime:
         heartbeat = None
         if self.cfg.beat is not None:
             heartbeat = Heartbeat(
-                loop, self.out, self.cfg.beat, self.cfg.hang_timeout, self.cfg.report_rss
+                loop,
+                self.out.add,
+                self.out.send_now,
+                lambda: self.out.last_write,
+                self.cfg.beat,
+                self.cfg.hang_timeout,
+                self.cfg.report_rss,
             )
             heartbeat.start()
         self._start_listeners()
@@ -568,82 +574,3 @@ class _Runtime:
                 waiting, self.waiting_shared = self.waiting_shared, []
                 for waiting_item in waiting:
                     runner.refuse(waiting_item[0])
-
-
-class Heartbeat:
-    """The worker's side of ``hang_timeout`` and of memory recycling.
-
-    Every ``interval`` seconds a callback on the loop notes that the loop
-    turns and, unless a frame went to the parent meanwhile, sends EV_ALIVE
-    (always, with the process's RSS, when ``report_rss``). The parent,
-    which hears from the worker at least that often, kills it when it has not
-    for ``hang_timeout``. Before that, a thread that blocks on an Event (it
-    wakes every ``interval``, nothing busy-waits) sees the loop stuck for half
-    of ``hang_timeout`` and sends, at once and from its own thread, the stack
-    the loop's thread is stuck in, for the parent to log when it kills the
-    worker. A stopped process (SIGSTOP) runs neither: it is killed without a
-    stack.
-    """
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        out: Outbox,
-        interval: float,
-        hang_timeout: float | None,
-        report_rss: bool,
-    ) -> None:
-        self._loop = loop
-        self._out = out
-        self._interval = interval
-        self._hang_timeout = hang_timeout
-        self._process: Any = None
-        if report_rss:
-            import psutil
-
-            self._process = psutil.Process()
-        self._turned = time.monotonic()
-        self._handle: asyncio.TimerHandle | None = None
-        self._stopped = threading.Event()
-        self._loop_thread = threading.get_ident()
-
-    def start(self) -> None:
-        self._beat()
-        if self._hang_timeout is not None:
-            threading.Thread(target=self._watch, name="looppool-hang-watcher", daemon=True).start()
-
-    def close(self) -> None:
-        self._stopped.set()
-        if self._handle is not None:
-            self._handle.cancel()
-
-    def _beat(self) -> None:
-        now = self._turned = time.monotonic()
-        if self._process is not None:
-            try:
-                rss = int(self._process.memory_info().rss)
-            except Exception:  # psutil failing must not stop the heartbeat
-                rss = 0
-            self._out.add((P.EV_ALIVE, rss))
-        elif now - self._out.last_write >= self._interval:
-            self._out.add((P.EV_ALIVE, 0))
-        self._handle = self._loop.call_later(self._interval, self._beat)
-
-    def _watch(self) -> None:
-        import sys
-        import traceback
-
-        assert self._hang_timeout is not None
-        reported = False
-        while not self._stopped.wait(self._interval):
-            stuck = time.monotonic() - self._turned
-            if stuck < self._hang_timeout / 2:
-                reported = False
-                continue
-            if reported:
-                continue
-            reported = True
-            frame = sys._current_frames().get(self._loop_thread)
-            stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
-            with contextlib.suppress(Exception):  # the parent may be gone
-                self._out.send_now((P.EV_STACK, f"stuck for {stuck:.1f} s in:\n{stack}"))

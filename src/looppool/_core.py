@@ -71,6 +71,9 @@ logger = logging.getLogger("looppool")
 
 DEFAULT_CONCURRENCY: Final = 1000
 DEFAULT_MAX_PENDING: Final = 10_000
+#: Results that may wait unread in the parent while a results() consumer
+#: lags, before the pool stops reading what the workers send (see _pause).
+DEFAULT_MAX_RESULTS: Final = 4096
 MAX_START_FAILURES: Final = 3  # consecutive failed replacements of one worker before giving up
 RESPAWN_BACKOFF: Final = 0.1  # seconds, doubled per consecutive failure
 
@@ -88,11 +91,16 @@ class PoolStats:
 
     ``put`` counts messages accepted (a broadcast counts once per worker);
     every accepted message ends as exactly one of ``processed``, ``failed``
-    (its handler raised) or ``lost`` (its worker died, or the pool stopped
-    before running it), or is still ``pending``. ``redelivered`` counts
-    deliveries after a ``SafeWorker`` died, ``respawns`` the
-    replacement workers started, ``blocked`` the blocked-loop episodes
-    reported, and ``in_flight`` the messages each worker holds now.
+    (its handler raised, or ran past its deadline), ``lost`` (its worker
+    died, or the pool stopped before running it) or ``cancelled`` (its
+    ``submit()`` was cancelled), or is still ``pending``. ``redelivered``
+    counts deliveries after a ``SafeWorker`` died, ``respawns`` the
+    replacement workers started after deaths, ``blocked`` the blocked-loop
+    episodes reported, and ``in_flight`` the messages each worker holds now.
+    ``timed_out`` counts the failed messages that ran past their deadline
+    (``MessageTimeout``), ``hung`` the workers killed because their loop
+    stopped turning (``hang_timeout``), and ``recycled`` the workers retired
+    and replaced (``max_messages_per_worker``, ``max_memory_per_worker``).
     """
 
     put: int
@@ -105,6 +113,10 @@ class PoolStats:
     respawns: int
     blocked: int
     in_flight: tuple[int, ...]
+    cancelled: int = 0
+    timed_out: int = 0
+    hung: int = 0
+    recycled: int = 0
 
 
 class Phase(enum.Enum):
@@ -131,7 +143,8 @@ class Farewell(enum.Enum):
 
     NONE = "none"  # still running, or it died unannounced
     BYE = "bye"  # it said goodbye: a clean exit follows
-    KILLED = "killed"  # the pool killed it on purpose
+    KILLED = "killed"  # the pool killed it on purpose (stop's timeout, a broken pool)
+    HUNG = "hung"  # the pool killed it because its loop stopped turning: a death
 
 
 class WorkerSlot(Slot):
@@ -147,6 +160,12 @@ class WorkerSlot(Slot):
         self.start_error: tuple[str, str] | None = None  # (reason, traceback) from initialise()
         self.farewell = Farewell.NONE
         self.failures = 0  # replacements that failed to start in a row
+        # hang_timeout: when the parent last heard from the worker (loop.time()),
+        # and the stack its hang watcher sent, if any.
+        self.last_seen = 0.0
+        self.stack = ""
+        self.rss = 0  # bytes, as the worker last reported (max_memory_per_worker)
+        self.retiring = False  # told to stop so that a fresh worker replaces it
 
 
 S = TypeVar("S", bound=WorkerSlot)
@@ -168,6 +187,11 @@ class PoolCore(abc.ABC, Generic[S]):
         max_pending: int,
         on_result: ResultCallback | None,
         name: str | None,
+        message_timeout: float | None = None,
+        hang_timeout: float | None = None,
+        max_messages_per_worker: int | None = None,
+        max_memory_per_worker: int | None = None,
+        max_results: int | None = DEFAULT_MAX_RESULTS,
     ) -> None:
         if not callable(worker):
             raise TypeError(f"worker must be a Worker subclass or a callable, not {worker!r}")
@@ -178,6 +202,17 @@ class PoolCore(abc.ABC, Generic[S]):
         check_int("size", size)
         check_int("concurrency", concurrency)
         check_int("max_pending", max_pending)
+        self._message_timeout = check_seconds("message_timeout", message_timeout)
+        self._hang_timeout = check_seconds("hang_timeout", hang_timeout)
+        if max_messages_per_worker is not None:
+            check_int("max_messages_per_worker", max_messages_per_worker)
+        if max_memory_per_worker is not None:
+            check_int("max_memory_per_worker", max_memory_per_worker)
+        if max_results is not None:
+            check_int("max_results", max_results)
+        self._max_messages = max_messages_per_worker
+        self._max_memory = max_memory_per_worker
+        self._max_results = max_results
         self._factory = worker
         self._size = size
         self._concurrency = concurrency
@@ -189,6 +224,7 @@ class PoolCore(abc.ABC, Generic[S]):
         # an opaque factory is settled when its first worker reports ready.
         self._ledger.safe = is_safe(worker)
         self._stream = ResultStream(self.name, self._ledger.counts, self._loads, on_result)
+        self._stream.on_consumed = self._results_consumed
         self._on_result = on_result
         self._dist = Distribution()
         self._phase = Phase.NEW
@@ -200,6 +236,11 @@ class PoolCore(abc.ABC, Generic[S]):
         # Why messages still pending when the pool ends are lost (PoolClosed's text).
         self._end_reason = "the pool is stopped"
         self._broken: PoolBroken | None = None
+        # max_results: slots whose results are not read while results() lags,
+        # and the submit() calls awaiting a reply (which lift that).
+        self._paused: set[S] = set()
+        self._awaiting = 0
+        self._watchdog: asyncio.TimerHandle | None = None
 
     # -- public properties ----------------------------------------------------
 
@@ -295,6 +336,11 @@ class PoolCore(abc.ABC, Generic[S]):
             raise
         self._stream.start(loop)
         self._phase = Phase.RUNNING
+        if self._hang_timeout is not None:
+            now = loop.time()
+            for slot in self._slots:
+                slot.last_seen = now
+            self._watchdog = loop.call_later(self._hang_timeout / 4, self._watch)
 
     async def _await_ready(self, futures: list[asyncio.Future[None]]) -> None:
         pending: set[asyncio.Future[None]] = set(futures)
@@ -358,6 +404,7 @@ class PoolCore(abc.ABC, Generic[S]):
             self._finish()
 
     async def _stop_workers(self, graceful: bool) -> None:
+        self._resume_all()  # stopping waits for every result: read them all
         if graceful and self._ledger.safe:
             # Every message accepted so far runs; replacements stay on so that
             # a death while draining does not strand the messages it held.
@@ -378,6 +425,8 @@ class PoolCore(abc.ABC, Generic[S]):
     def _finish(self) -> None:
         """Release everything once no worker runs (or none could start)."""
         self._phase = Phase.STOPPED
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self._release()
         self._lose_all(PoolClosed(self._end_reason))
         while self._drain_waiters:
@@ -434,22 +483,33 @@ class PoolCore(abc.ABC, Generic[S]):
                 f"worker={worker} is out of range: this pool has workers 0 to {self._size - 1}"
             )
 
-    async def put(self, message: Any, *, worker: int | None = None) -> None:
+    async def put(
+        self,
+        message: Any,
+        *,
+        worker: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (the message's deadline in the worker)
+    ) -> None:
         """Send a message; wait while ``max_pending`` messages are pending.
 
         The message is pickled here, so one that cannot be pickled raises
         ``TypeError`` at once. ``worker=k`` sends it to worker ``k``; without
-        it, messages are dealt to the workers in fair rounds.
+        it, messages are dealt to the workers in fair rounds. ``timeout``
+        (seconds) overrides the pool's ``message_timeout`` for this message.
         """
         self._check_target(worker)
+        timeout = self._timeout_for(timeout)
         payload = self._pickle(message)
         if self._ledger.pending >= self._max_pending:
             await self._wait_for_room()
-        self._accept(payload, worker, None)
+        self._accept(payload, worker, None, timeout)
 
-    def put_nowait(self, message: Any, *, worker: int | None = None) -> None:
+    def put_nowait(
+        self, message: Any, *, worker: int | None = None, timeout: float | None = None
+    ) -> None:
         """Send a message, or raise :class:`~looppool.QueueFull` if ``max_pending`` are pending."""
         self._check_target(worker)
+        timeout = self._timeout_for(timeout)
         payload = self._pickle(message)
         pending = self._ledger.pending
         if pending >= self._max_pending:
@@ -457,7 +517,12 @@ class PoolCore(abc.ABC, Generic[S]):
                 f"{pending} messages are pending in {self.name!r} (max_pending="
                 f"{self._max_pending}); await put() to wait for room"
             )
-        self._accept(payload, worker, None)
+        self._accept(payload, worker, None, timeout)
+
+    def _timeout_for(self, timeout: float | None) -> float | None:
+        if timeout is None:
+            return self._message_timeout
+        return check_seconds("timeout", timeout)
 
     async def broadcast(self, message: Any) -> None:
         """Send a message to every worker, each exactly once."""
@@ -467,31 +532,69 @@ class PoolCore(abc.ABC, Generic[S]):
         for number in range(self._size):
             self._accept(payload, number, None)
 
-    async def submit(self, message: Any, *, worker: int | None = None) -> Any:
+    async def submit(
+        self,
+        message: Any,
+        *,
+        worker: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (the message's deadline in the worker)
+    ) -> Any:
         """Send a message and return what ``process_message`` returned for it.
 
         If the handler raised, the same exception is raised here with the
         worker's traceback as its ``__cause__`` (:class:`~looppool.RemoteTraceback`);
         an exception that cannot be pickled becomes :class:`~looppool.RemoteError`.
-        If the worker died holding it, :class:`~looppool.WorkerLost` is raised.
+        If the worker died holding it, :class:`~looppool.WorkerLost` is raised;
+        if it ran past ``timeout`` seconds (default: the pool's
+        ``message_timeout``), :class:`~looppool.MessageTimeout`.
+
+        Cancelling the task awaiting it withdraws the message if no worker
+        has started it (it never runs), or cancels it inside the worker
+        (``CancelledError`` in ``process_message``); either way it counts as
+        ``cancelled``, and ``drain()`` and ``stop()`` do not wait for it.
         """
         self._check_target(worker)
+        timeout = self._timeout_for(timeout)
         payload = self._pickle(message)
         if self._ledger.pending >= self._max_pending:
             await self._wait_for_room()
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._accept(payload, worker, future)
-        return await future
+        msg = self._accept(payload, worker, future, timeout)
+        self._awaiting += 1
+        if self._paused:
+            self._resume_all()  # its reply may wait behind unread results
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.cancelled():
+                self._withdraw(msg)
+            raise
+        finally:
+            self._awaiting -= 1
 
-    def _accept(self, payload: Any, target: int | None, reply: Any) -> None:
+    def _accept(
+        self, payload: Any, target: int | None, reply: Any, timeout: float | None = None
+    ) -> Msg:
         ledger = self._ledger
         try:
-            ledger.accept(payload, target, reply)
+            msg = ledger.accept(payload, target, reply, timeout)
         except NoWorkerLeft:
             raise self._broken or PoolBroken(f"pool {self.name!r} has no worker left") from None
         if ledger.dirty and not self._pump_scheduled:
             self._schedule_pump()
+        return msg
+
+    def _withdraw(self, msg: Msg) -> None:
+        """The submit() of ``msg`` was cancelled: withdraw it, or cancel it where it runs."""
+        pending = self._ledger.pending
+        slot = self._ledger.withdraw(msg)
+        if slot is not None:
+            self._send_cancel(slot, msg.id)  # type: ignore[arg-type]
+        elif self._ledger.pending == pending:
+            self._dist.withdraw(msg)
+        if self._ledger.pending < pending:
+            self._after_end()
 
     # -- plain functions: a FunctionWorker pool (the work is in _functions) --------
 
@@ -613,6 +716,8 @@ class PoolCore(abc.ABC, Generic[S]):
         """Return once every message put before the call is finished and its results are in."""
         if self._phase is Phase.NEW:
             return
+        if self._paused:
+            self._resume_all()  # what it waits for may be behind unread results
         await self._drain_past(self._ledger.begin_drain())
         if self._broken is not None:
             raise self._broken
@@ -672,6 +777,111 @@ class PoolCore(abc.ABC, Generic[S]):
         send = self._send
         for slot, batch in self._ledger.take_batches():
             send(slot, batch)  # type: ignore[arg-type]
+        if self._max_messages is not None:
+            self._maybe_retire()
+
+    # -- results back-pressure (max_results) ------------------------------------
+
+    def _awaited(self) -> bool:
+        """Whether someone waits for what the workers send: then it is always read."""
+        return bool(self._awaiting or self._drain_waiters) or self._phase in (
+            Phase.DRAINING,
+            Phase.STOPPING,
+        )
+
+    def _pause(self, slot: S) -> None:
+        """Stop reading a worker: ``max_results`` results wait for a lagging ``results()``.
+
+        Its pipe then fills, the worker stops starting messages, and the
+        producer's ``put()`` waits for room: memory stays bounded. Only while
+        someone iterates ``results()`` (a consumer that will catch up), and
+        nobody awaits a reply, ``drain()`` or ``stop()`` (which need what is
+        behind those results in the pipe): otherwise nothing could end the wait.
+        """
+        if slot not in self._paused:
+            self._paused.add(slot)
+            self._pause_reading(slot)
+
+    def _resume_all(self) -> None:
+        paused, self._paused = self._paused, set()
+        for slot in paused:
+            if self._hang_timeout is not None:
+                assert self._loop is not None
+                slot.last_seen = self._loop.time()  # its silence was ours
+            self._resume_reading(slot)
+
+    def _results_consumed(self) -> None:
+        if self._paused and (self._max_results is None or self._stream.backlog < self._max_results):
+            self._resume_all()
+
+    # -- hung workers (hang_timeout) and recycling ------------------------------
+
+    def _watch(self) -> None:
+        """The pool's one watchdog timer: kill a worker not heard from for ``hang_timeout``."""
+        assert self._loop is not None
+        assert self._hang_timeout is not None
+        now = self._loop.time()
+        for slot in self._slots:
+            if (
+                slot.state in (SlotState.READY, SlotState.STOPPING)
+                and slot.farewell is Farewell.NONE
+                and slot not in self._paused
+                and now - slot.last_seen > self._hang_timeout
+            ):
+                self._hung(slot, now - slot.last_seen)
+        self._watchdog = self._loop.call_later(self._hang_timeout / 4, self._watch)
+
+    def _hung(self, slot: S, silent: float) -> None:
+        self._ledger.counts.hung += 1
+        where = (
+            f"; its loop was {slot.stack}"
+            if slot.stack
+            else " (it sent no stack: a process stopped by a signal, or stuck outside Python)"
+        )
+        logger.error(
+            "pool %s: worker %d (pid %s) was silent for %.1f s (hang_timeout=%g): its loop "
+            "is blocked or its process stopped; killing it%s",
+            self.name,
+            slot.number,
+            slot.pid,
+            silent,
+            self._hang_timeout,
+            where,
+        )
+        slot.farewell = Farewell.HUNG  # a death: replaced, and what it held rescued
+        self._kill(slot)
+
+    def _maybe_retire(self) -> None:
+        """Retire a worker past ``max_messages_per_worker`` or ``max_memory_per_worker``.
+
+        One at a time, so that throughput dips by one worker's share at most.
+        """
+        if self._phase is not Phase.RUNNING or any(s.retiring for s in self._slots):
+            return
+        for slot in self._slots:
+            if slot.state is not SlotState.READY:
+                continue
+            if self._max_messages is not None and slot.delivered >= self._max_messages:
+                why = f"{slot.delivered} messages (max_messages_per_worker={self._max_messages})"
+            elif self._max_memory is not None and slot.rss > self._max_memory:
+                limit = self._max_memory >> 20
+                why = f"{slot.rss >> 20} MiB RSS (max_memory_per_worker={limit} MiB)"
+            else:
+                continue
+            logger.info(
+                "pool %s: recycling worker %d (pid %s) after %s",
+                self.name,
+                slot.number,
+                slot.pid,
+                why,
+            )
+            slot.retiring = True
+            if not self._dist.retire(slot):
+                # It takes nothing more, finishes what it holds (whatever its
+                # class), runs finalise() and exits; a fresh one replaces it.
+                slot.state = SlotState.STOPPING
+                self._send_stop(slot, False)
+            return
 
     # -- settling ---------------------------------------------------------------
 
@@ -696,7 +906,7 @@ class PoolCore(abc.ABC, Generic[S]):
         for msg in msgs:
             future = msg.reply
             if future is not None and not future.done():
-                future.set_exception(exc)
+                future.set_exception(fresh(exc))
         if msgs:
             self._after_end()
 
@@ -733,6 +943,22 @@ class PoolCore(abc.ABC, Generic[S]):
                 self._ledger.counts.blocked += 1
             elif op == P.EV_BYE:
                 slot.farewell = Farewell.BYE
+            elif op == P.EV_ALIVE:
+                slot.rss = item[1]
+                if self._max_memory is not None and item[1] > self._max_memory:
+                    self._maybe_retire()
+            elif op == P.EV_STACK:
+                slot.stack = item[1]
+        if self._hang_timeout is not None:
+            assert self._loop is not None
+            slot.last_seen = self._loop.time()
+        if (
+            self._max_results is not None
+            and self._stream.backlog >= self._max_results
+            and self._stream.consumed
+            and not self._awaited()
+        ):
+            self._pause(slot)
 
     def _on_done(self, slot: S, mid: int, status: int, payload: Any) -> None:
         msg = slot.held.pop(mid, None)
@@ -753,10 +979,14 @@ class PoolCore(abc.ABC, Generic[S]):
                             f"the reply could not be unpickled in the parent: {exc!r}",
                         )
                     )
-        elif status == P.DONE_FAILED:
+        elif status == P.DONE_FAILED or status == P.DONE_TIMED_OUT:
             outcome = Outcome.FAILED
+            if status == P.DONE_TIMED_OUT:
+                self._ledger.counts.timed_out += 1
             if future is not None and not future.done():
                 future.set_exception(rebuild_exception(payload, self._loads))
+        elif msg.cancelled:
+            outcome = Outcome.CANCELLED  # as its submit() asked
         elif slot.state is not SlotState.STOPPING:
             # Cancelled though nobody asked this worker to stop: its loop is
             # being torn down (SystemExit in another message). The worker is
@@ -803,6 +1033,14 @@ class PoolCore(abc.ABC, Generic[S]):
         if slot.ready is not None and not slot.ready.done():
             slot.ready.set_result(None)
         slot.ready = None
+        slot.delivered = 0
+        slot.stack = ""
+        slot.rss = 0
+        if self._hang_timeout is not None:
+            assert self._loop is not None
+            slot.last_seen = self._loop.time()  # the clock starts once it is ready
+        if self._max_messages is not None or self._max_memory is not None:
+            self._maybe_retire()  # another may have waited for this one's recycling
         if self._phase is Phase.RUNNING or self._accepting_respawns:
             self._ledger.mark(slot)
             if self._ledger.dirty:
@@ -839,9 +1077,22 @@ class PoolCore(abc.ABC, Generic[S]):
             logger.error(
                 "pool %s: worker %d (pid %s) died (%s)", self.name, slot.number, slot.pid, cause
             )
+        self._paused.discard(slot)
+        if slot.retiring:
+            # Recycled: it stopped when told (or died doing so: what it held
+            # died with it), and a fresh worker takes its number.
+            slot.retiring = False
+            if farewell is Farewell.BYE:
+                self._ledger.counts.recycled += 1
+                self._requeue_held(slot)
+            else:
+                self._rescue(slot, lost)
+            if not self._dist.worker_ended(slot) and self._accepting_respawns:
+                self._replace(slot, death=False)
+            return
         if previous is SlotState.STOPPING or farewell is Farewell.KILLED:
             # Told to stop (or killed by us): nothing to replace.
-            if farewell is not Farewell.NONE:
+            if farewell is Farewell.BYE or farewell is Farewell.KILLED:
                 # What it still holds it took but never ran (barrier mode: a
                 # message refused after the stop began): send it again, or
                 # lose it if the pool is stopping.
@@ -892,21 +1143,22 @@ class PoolCore(abc.ABC, Generic[S]):
         )
         return True
 
-    def _replace(self, slot: S) -> None:
+    def _replace(self, slot: S, death: bool = True) -> None:
         """Start a replacement for a dead worker, after a back-off if it keeps failing."""
         assert self._loop is not None
         if self._give_up_on(slot):
             return
         slot.state = SlotState.STARTING  # counts as alive: no second replacement is scheduled
         delay = RESPAWN_BACKOFF * (2 ** (slot.failures - 1)) if slot.failures else 0.0
-        self._loop.call_later(delay, self._respawn, slot)
+        self._loop.call_later(delay, self._respawn, slot, death)
 
-    def _respawn(self, slot: S) -> None:
+    def _respawn(self, slot: S, death: bool = True) -> None:
         if not self._accepting_respawns:
             slot.state = SlotState.DEAD
             self._settle_lost(self._ledger.lose_waiting(slot), PoolClosed(self._end_reason))
             return
-        self._ledger.counts.respawns += 1
+        if death:
+            self._ledger.counts.respawns += 1
         try:
             self._launch(slot)
         except Exception as exc:
@@ -980,8 +1232,40 @@ class PoolCore(abc.ABC, Generic[S]):
     def _release(self) -> None:
         """Close what the pool holds, once no worker runs."""
 
+    @abc.abstractmethod
+    def _send_cancel(self, slot: S, mid: int) -> None:
+        """Tell the worker to cancel message ``mid`` if it still runs (its submit was cancelled).
+
+        The worker reports the message as usual (cancelled, or done if it
+        finished first).
+        """
+
+    def _pause_reading(self, slot: S) -> None:
+        """Stop taking in what the worker sends (max_results); its pipe fills and it waits."""
+
+    def _resume_reading(self, slot: S) -> None:
+        """Take in what the worker sends again, after :meth:`_pause_reading`."""
+
     def _ready_info(self, slot: S, extra: tuple[Any, ...]) -> None:
         """What a worker reports beyond its pid when ready (an actor: its node)."""
+
+
+def check_seconds(name: str, value: object) -> float | None:
+    """Return ``value`` as seconds (None stays None); ValueError unless it is a positive number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be None or a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+def fresh(exc: LooppoolError) -> LooppoolError:
+    """A copy of ``exc`` (its own object, so each future raises its own traceback)."""
+    reduced = exc.__reduce__()
+    assert isinstance(reduced, tuple)
+    copy: LooppoolError = reduced[0](*reduced[1])
+    copy.__cause__ = exc.__cause__
+    return copy
 
 
 def check_int(name: str, value: object) -> None:

@@ -45,6 +45,13 @@ class Distribution(SharedPlace):
         """A worker ended (died, or stopped when told). True if this replaces it, not the pool."""
         return False
 
+    def withdraw(self, msg: Msg) -> None:
+        """A shared message's submit() was cancelled and the ledger does not hold it."""
+
+    def retire(self, slot: Slot) -> bool:
+        """Recycle ``slot``'s worker; True if this does it (the pool then does nothing)."""
+        return False
+
     def isolation_over(self) -> None:
         """The last suspect group of a death finished: messages may flow as usual again."""
 

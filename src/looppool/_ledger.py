@@ -57,8 +57,9 @@ class Outcome(enum.Enum):
     """How a message ended."""
 
     PROCESSED = "processed"
-    FAILED = "failed"  # its handler raised
+    FAILED = "failed"  # its handler raised, or ran past its deadline
     LOST = "lost"  # its worker died, or the pool stopped before running it
+    CANCELLED = "cancelled"  # its submit() was cancelled: withdrawn, or cancelled in the worker
 
 
 @dataclass(slots=True)
@@ -71,8 +72,12 @@ class Counts:
     lost: int = 0
     results: int = 0  # put_result() values that reached the parent
     redelivered: int = 0  # sends again after a SafeWorker died holding the message
-    respawns: int = 0  # replacement workers started
+    respawns: int = 0  # replacement workers started after a death
     blocked: int = 0  # blocked-loop episodes the workers reported
+    cancelled: int = 0  # ended because their submit() was cancelled
+    timed_out: int = 0  # of the failed: cancelled at their deadline (MessageTimeout)
+    recycled: int = 0  # workers retired (max_messages/max_memory_per_worker) and replaced
+    hung: int = 0  # workers killed because their loop stopped turning (hang_timeout)
 
     def as_dict(self) -> dict[str, int]:
         """The counters by name."""
@@ -82,9 +87,27 @@ class Counts:
 class Msg:
     """One accepted message, until it is processed, failed or lost."""
 
-    __slots__ = ("epoch", "id", "payload", "reply", "strikes", "taken", "target")
+    __slots__ = (
+        "cancelled",
+        "epoch",
+        "id",
+        "payload",
+        "reply",
+        "strikes",
+        "taken",
+        "target",
+        "timeout",
+    )
 
-    def __init__(self, mid: int, payload: Any, target: int | None, reply: Any, epoch: int) -> None:
+    def __init__(
+        self,
+        mid: int,
+        payload: Any,
+        target: int | None,
+        reply: Any,
+        epoch: int,
+        timeout: float | None = None,
+    ) -> None:
         self.id = mid
         self.payload = payload  # pickled by the caller (bytes), or as is (InlinePool)
         self.target = target  # worker=k, or None: dealt in fair rounds
@@ -94,6 +117,9 @@ class Msg:
         self.strikes = 0
         # Held by a worker that took it from barrier mode's shared queue.
         self.taken = False
+        self.timeout = timeout  # seconds it may run in a worker, or None
+        # Its submit() was cancelled while a worker held it: told to cancel it.
+        self.cancelled = False
 
     def __repr__(self) -> str:
         return f"<Msg {self.id} target={self.target} strikes={self.strikes}>"
@@ -123,6 +149,8 @@ class Slot:
         # window for messages sent on its channel (one of them may be waiting
         # for such a message: counting it would deadlock a full window).
         self.taken = 0
+        # Messages sent to its current worker (max_messages_per_worker).
+        self.delivered = 0
 
     @property
     def alive(self) -> bool:
@@ -171,9 +199,11 @@ class Ledger:
 
     # -- accepting ------------------------------------------------------------------
 
-    def accept(self, payload: Any, target: int | None, reply: Any) -> Msg:
+    def accept(
+        self, payload: Any, target: int | None, reply: Any, timeout: float | None = None
+    ) -> Msg:
         """Take a new message into the books and put it where it waits."""
-        msg = Msg(next(self._ids), payload, target, reply, self.epoch)
+        msg = Msg(next(self._ids), payload, target, reply, self.epoch, timeout)
         if target is not None:
             slot: Slot | None = self.slots[target]
         elif self.shared is not None and self.shared.place(msg):
@@ -250,6 +280,7 @@ class Ledger:
                 batch = [queue.popleft() for _ in range(room)]
             for msg in batch:
                 held[msg.id] = msg
+            slot.delivered += len(batch)
             yield slot, batch
 
     def unsend(self, slot: Slot, batch: list[Msg]) -> None:
@@ -292,8 +323,10 @@ class Ledger:
             self.counts.processed += 1
         elif outcome is Outcome.FAILED:
             self.counts.failed += 1
-        else:
+        elif outcome is Outcome.LOST:
             self.counts.lost += 1
+        else:
+            self.counts.cancelled += 1
         self.pending -= 1
         counts = self._epoch_counts
         left = counts[msg.epoch] - 1
@@ -373,6 +406,11 @@ class Ledger:
         """
         held = self.release_held(slot)
         slot.isolating = False
+        # Those whose submit() was cancelled end as cancelled: never again.
+        for msg in held:
+            if msg.cancelled:
+                self.end(msg, Outcome.CANCELLED)
+        held = [msg for msg in held if not msg.cancelled]
         lost: list[Msg] = []
         if redeliver and self.safe:
             lost += self._isolate(slot, held)
@@ -449,6 +487,31 @@ class Ledger:
         # suspects to the end finds a culprit in the fewest deaths.
         slot.suspects.extendleft(reversed(groups))
         return []
+
+    def withdraw(self, msg: Msg) -> Slot | None:
+        """A message's submit() was cancelled: end it at once if no worker has it.
+
+        Returns the slot whose worker holds it (told to cancel it; it ends
+        when that worker reports), or None: withdrawn and ended as cancelled,
+        or not in the books any more (ended already, or taken by the
+        distribution: the caller asks it).
+        """
+        for slot in self.slots if msg.target is None else (self.slots[msg.target],):
+            if slot.held.get(msg.id) is msg:
+                msg.cancelled = True
+                return slot
+            if msg in slot.queue:
+                slot.queue.remove(msg)
+                self.end(msg, Outcome.CANCELLED)
+                return None
+            for group in slot.suspects:
+                if msg in group:
+                    group.remove(msg)
+                    if not group:
+                        slot.suspects.remove(group)
+                    self.end(msg, Outcome.CANCELLED)
+                    return None
+        return None
 
     def requeue(self, slot: Slot, msg: Msg) -> None:
         """Send again a message a stopping worker took but did not start (barrier mode)."""

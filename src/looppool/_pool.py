@@ -57,6 +57,9 @@ from ._worker import Worker
 __all__ = ["Pool", "PoolStats"]
 
 LoopKind = Literal["auto", "asyncio", "uvloop"]
+
+#: Seconds between a worker's reports of its memory (max_memory_per_worker).
+MEMORY_CHECK = 1.0
 StartMethod = Literal["fork", "spawn", "forkserver"]
 Distribution = Literal["rounds", "barrier"]
 
@@ -76,6 +79,8 @@ class _ProcSlot(WorkerSlot):
         self.decoder = P.FrameDecoder()
         # Messages written to the current worker's channel (barrier mode's order).
         self.channel_sent = 0
+        self.reading = False  # its result pipe is watched (not paused by max_results)
+        self.eof = False  # its result pipe has ended
 
 
 class Pool(PoolCore[_ProcSlot]):
@@ -212,6 +217,9 @@ class Pool(PoolCore[_ProcSlot]):
             forked=self._start_method == "fork",
             concurrency=self._concurrency,
             monitor=self._monitor,
+            beat=self._beat_interval(),
+            hang_timeout=self._hang_timeout,
+            report_rss=self._max_memory is not None,
             **self._dist.worker_options(),
         )
         process = ctx.Process(
@@ -235,6 +243,8 @@ class Pool(PoolCore[_ProcSlot]):
         slot.start_error = None
         slot.farewell = Farewell.NONE
         slot.channel_sent = 0
+        slot.reading = True
+        slot.eof = False
         slot.exited = self._loop.create_future()
         slot.exit_fd = self._exit_fd(slot, process)
         self._loop.add_reader(slot.rfd, self._on_readable, slot)
@@ -273,8 +283,25 @@ class Pool(PoolCore[_ProcSlot]):
             WorkerLost(slot.number, slot.pid, exitcode),
         )
 
+    def _beat_interval(self) -> float | None:
+        """How often a worker's heartbeat runs: a quarter of hang_timeout; every
+        MEMORY_CHECK seconds for max_memory_per_worker; or not at all."""
+        beats = []
+        if self._hang_timeout is not None:
+            beats.append(self._hang_timeout / 4)
+        if self._max_memory is not None:
+            beats.append(MEMORY_CHECK)
+        return min(beats) if beats else None
+
     def _send(self, slot: _ProcSlot, batch: list[Msg]) -> None:
-        frame = P.encode([(P.OP_MSG, msg.id, msg.reply is not None, msg.payload) for msg in batch])
+        frame = P.encode(
+            [
+                (P.OP_MSG, msg.id, msg.reply is not None, msg.payload)
+                if msg.timeout is None
+                else (P.OP_MSG, msg.id, msg.reply is not None, msg.payload, msg.timeout)
+                for msg in batch
+            ]
+        )
         if self._write(slot, frame):
             slot.channel_sent += len(batch)
         else:
@@ -284,6 +311,21 @@ class Pool(PoolCore[_ProcSlot]):
 
     def _send_stop(self, slot: _ProcSlot, cancel: bool) -> None:
         self._write(slot, P.encode([(P.OP_STOP, cancel)]))
+
+    def _send_cancel(self, slot: _ProcSlot, mid: int) -> None:
+        self._write(slot, P.encode([(P.OP_CANCEL, mid)]))
+
+    def _pause_reading(self, slot: _ProcSlot) -> None:
+        if slot.rfd >= 0 and slot.reading:
+            assert self._loop is not None
+            self._loop.remove_reader(slot.rfd)
+            slot.reading = False
+
+    def _resume_reading(self, slot: _ProcSlot) -> None:
+        if slot.rfd >= 0 and not slot.reading and not slot.eof:
+            assert self._loop is not None
+            self._loop.add_reader(slot.rfd, self._on_readable, slot)
+            slot.reading = True
 
     def _channel_sent(self, slot: _ProcSlot) -> int:
         return slot.channel_sent
@@ -330,6 +372,8 @@ class Pool(PoolCore[_ProcSlot]):
             # sentinel does the rest.
             assert self._loop is not None
             self._loop.remove_reader(slot.rfd)
+            slot.reading = False
+            slot.eof = True
             return
         for frame in frames:
             self._dispatch(slot, frame)

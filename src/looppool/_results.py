@@ -59,9 +59,23 @@ class ResultStream:
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False  # no result can come any more
+        # Iterators of results() in use: someone will read what waits.
+        self._consumers = 0
+        #: Called each time a result is handed out (the pool resumes reading).
+        self.on_consumed: Callable[[], None] | None = None
         # An async on_result: results it has finished with, and who waits for a count.
         self._delivered = 0
         self._delivered_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @property
+    def backlog(self) -> int:
+        """Results waiting to be handed out."""
+        return len(self._buf)
+
+    @property
+    def consumed(self) -> bool:
+        """Whether something takes results out: a results() iterator, or an async on_result."""
+        return self._consumers > 0 or self._task is not None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the task that awaits an async ``on_result`` for every result."""
@@ -110,10 +124,16 @@ class ResultStream:
                 "receives every result: results() would never yield one. Iterate over "
                 "results() on a pool made without on_result, or handle results in the callback."
             )
-        while await self._ready():
-            # Popped as it is yielded, never bound to a local of this frame:
-            # once the caller drops it, nothing here keeps it alive.
-            yield self._buf.popleft()
+        self._consumers += 1
+        try:
+            while await self._ready():
+                # Popped as it is yielded, never bound to a local of this frame:
+                # once the caller drops it, nothing here keeps it alive.
+                yield self._buf.popleft()
+                if self.on_consumed is not None:
+                    self.on_consumed()
+        finally:
+            self._consumers -= 1
 
     async def _run_callbacks(self) -> None:
         callback = self._callback
@@ -123,6 +143,8 @@ class ResultStream:
                 await callback(self._buf.popleft())  # type: ignore[misc]
             except Exception:
                 logger.exception("pool %s: on_result raised", self._name)
+            if self.on_consumed is not None:
+                self.on_consumed()
             self._delivered += 1
             waiters = self._delivered_waiters
             while waiters and waiters[0][0] <= self._delivered:

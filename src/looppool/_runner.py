@@ -9,9 +9,13 @@ event of ``_protocol`` through an ``emit`` callable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import inspect
 import logging
 import pickle
+import threading
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -75,7 +79,7 @@ class MessageRunner:
         self.tasks: dict[int, asyncio.Task[None]] = {}
         # Deadlines: the timer of each message that has one, and those that expired.
         self._timers: dict[int, asyncio.TimerHandle] = {}
-        self._expired: dict[int, float] = {}
+        self._expired: dict[int, tuple[float, bool]] = {}  # (timeout, want_reply)
         self.start_exit: SystemExit | None = None  # sys.exit() in initialise()
         self.in_flight = 0
         self.processed = 0
@@ -151,7 +155,7 @@ class MessageRunner:
             task = loop.create_task(self._await(mid, want_reply, result))
             self.tasks[mid] = task
             if timeout is not None:
-                self._timers[mid] = loop.call_later(timeout, self._expire, mid, timeout)
+                self._timers[mid] = loop.call_later(timeout, self._expire, mid, timeout, want_reply)
         else:
             self._succeeded(mid, want_reply, result)
 
@@ -159,13 +163,37 @@ class MessageRunner:
         """Cancel message ``mid`` if it runs here (its ``submit()`` was cancelled)."""
         task = self.tasks.get(mid)
         if task is not None:
-            task.cancel()
+            self._cancel(mid, task)
 
-    def _expire(self, mid: int, timeout: float) -> None:
+    def _cancel(self, mid: int, task: asyncio.Task[None]) -> None:
+        # A task cancelled before its first step never enters its coroutine,
+        # so _await would report nothing and the parent would wait for ever:
+        # a done-callback reports it then (and only then: _await's finally
+        # has taken it out of self.tasks when it ran).
+        task.add_done_callback(functools.partial(self._ended_unstarted, mid))
+        task.cancel()
+
+    def _ended_unstarted(self, mid: int, task: asyncio.Task[None]) -> None:
+        if self.tasks.pop(mid, None) is None:
+            return
+        timer = self._timers.pop(mid, None)
+        if timer is not None:
+            timer.cancel()
+        expired = self._expired.pop(mid, None)
+        if expired is None:
+            self._done(mid, P.DONE_CANCELLED, None)
+        else:
+            self._timed_out(mid, *expired)
+
+    def _expire(self, mid: int, timeout: float, want_reply: bool) -> None:
         task = self.tasks.get(mid)
         if task is not None and not task.done():
-            self._expired[mid] = timeout
-            task.cancel()
+            self._expired[mid] = (timeout, want_reply)
+            self._cancel(mid, task)
+
+    def _timed_out(self, mid: int, timeout: float, want_reply: bool) -> None:
+        self.timed_out += 1
+        self._failed(mid, want_reply, MessageTimeout(timeout, self.number), timed_out=True)
 
     def refuse(self, mid: int) -> None:
         """Report a message that arrived after the stop began: it was not started."""
@@ -177,13 +205,12 @@ class MessageRunner:
             result = await awaitable
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
-            timeout = self._expired.pop(mid, None)
-            if timeout is not None and task is not None:
+            expired = self._expired.pop(mid, None)
+            if expired is not None and task is not None:
                 # Cancelled at its deadline: the message failed, and the task
                 # ends normally (its cancellation was ours, and is spent).
                 task.uncancel()
-                self.timed_out += 1
-                self._failed(mid, want_reply, MessageTimeout(timeout, self.number), timed_out=True)
+                self._timed_out(mid, *expired)
             elif task is not None and task.cancelling():
                 # Cancelled by a Worker pool's stop, or because its submit()
                 # was cancelled: the message did not finish.
@@ -255,8 +282,8 @@ class MessageRunner:
         if not self.tasks:
             return
         if cancel:
-            for task in self.tasks.values():
-                task.cancel()
+            for mid, task in list(self.tasks.items()):
+                self._cancel(mid, task)
             await asyncio.wait(set(self.tasks.values()), timeout=CANCEL_GRACE)
         else:
             while self.tasks:
@@ -265,3 +292,86 @@ class MessageRunner:
 
 def _not_started(message: Any) -> Any:
     raise RuntimeError("a message arrived before the worker was initialised")
+
+
+class Heartbeat:
+    """The worker's side of ``hang_timeout`` and of memory recycling.
+
+    Every ``interval`` seconds a callback on the loop notes that the loop
+    turns and, unless a frame went to the parent meanwhile, sends EV_ALIVE
+    (always, with the process's RSS, when ``report_rss``). The parent,
+    which hears from the worker at least that often, kills it when it has not
+    for ``hang_timeout``. Before that, a thread that blocks on an Event (it
+    wakes every ``interval``, nothing busy-waits) sees the loop stuck for half
+    of ``hang_timeout`` and sends, at once and from its own thread, the stack
+    the loop's thread is stuck in, for the parent to log when it kills the
+    worker. A stopped process (SIGSTOP) runs neither: it is killed without a
+    stack.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        emit: Emit,
+        emit_now: Emit,
+        last_sent: Callable[[], float],
+        interval: float,
+        hang_timeout: float | None,
+        report_rss: bool,
+    ) -> None:
+        self._loop = loop
+        self._emit = emit  # on the loop's thread
+        self._emit_now = emit_now  # from any thread, written at once
+        self._last_sent = last_sent  # time.monotonic() of the last frame to the parent
+        self._interval = interval
+        self._hang_timeout = hang_timeout
+        self._process: Any = None
+        if report_rss:
+            import psutil
+
+            self._process = psutil.Process()
+        self._turned = time.monotonic()
+        self._handle: asyncio.TimerHandle | None = None
+        self._stopped = threading.Event()
+        self._loop_thread = threading.get_ident()
+
+    def start(self) -> None:
+        self._beat()
+        if self._hang_timeout is not None:
+            threading.Thread(target=self._watch, name="looppool-hang-watcher", daemon=True).start()
+
+    def close(self) -> None:
+        self._stopped.set()
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def _beat(self) -> None:
+        now = self._turned = time.monotonic()
+        if self._process is not None:
+            try:
+                rss = int(self._process.memory_info().rss)
+            except Exception:  # psutil failing must not stop the heartbeat
+                rss = 0
+            self._emit((P.EV_ALIVE, rss))
+        elif now - self._last_sent() >= self._interval:
+            self._emit((P.EV_ALIVE, 0))
+        self._handle = self._loop.call_later(self._interval, self._beat)
+
+    def _watch(self) -> None:
+        import sys
+        import traceback
+
+        assert self._hang_timeout is not None
+        reported = False
+        while not self._stopped.wait(self._interval):
+            stuck = time.monotonic() - self._turned
+            if stuck < self._hang_timeout / 2:
+                reported = False
+                continue
+            if reported:
+                continue
+            reported = True
+            frame = sys._current_frames().get(self._loop_thread)
+            stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+            with contextlib.suppress(Exception):  # the parent may be gone
+                self._emit_now((P.EV_STACK, f"stuck for {stuck:.1f} s in:\n{stack}"))

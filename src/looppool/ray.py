@@ -285,13 +285,17 @@ class LooppoolActor:
     def _on_blocked(self) -> None:
         self.add((P.EV_BLOCKED,))  # from the detector's watchdog thread: add() is thread-safe
 
+    async def cancel(self, mid: int) -> None:
+        """Cancel message ``mid`` if it runs here (its ``submit()`` was cancelled)."""
+        self._runner.cancel(mid)
+
     def _run_frame(self, frame: bytes) -> None:
         runner = self._runner
-        for mid, want_reply, payload in pickle.loads(frame):
+        for mid, want_reply, payload, timeout in pickle.loads(frame):
             if self._cancel:
                 runner.refuse(mid)
             else:
-                runner.start(mid, want_reply, payload)
+                runner.start(mid, want_reply, payload, timeout)
 
 
 # -- the parent side ------------------------------------------------------------
@@ -500,11 +504,19 @@ class RayPool(PoolCore[_ActorSlot]):
         self._on_worker_end(slot, f"its actor died: {_describe_ray_error(error)}", lost)
 
     def _send(self, slot: _ActorSlot, batch: list[Msg]) -> None:
-        items = [(msg.id, msg.reply is not None, msg.payload) for msg in batch]
+        items = [(msg.id, msg.reply is not None, msg.payload, msg.timeout) for msg in batch]
         # Fire and forget: if the actor dies, its listener learns it and
         # rescues what it held; the call's own error adds nothing.
         slot.actor.deliver.remote(slot.sent, pickle.dumps(items, P.PROTOCOL))
         slot.sent += 1
+
+    def _send_cancel(self, slot: _ActorSlot, mid: int) -> None:
+        if slot.actor is not None:
+            # A cancel sent before the delivery it cancels may arrive first
+            # (Ray does not order calls to an async actor): then the message
+            # runs to its end, and counts as done. Rare: the delivery left at
+            # the loop turn the message was accepted in.
+            slot.actor.cancel.remote(mid)
 
     def _send_stop(self, slot: _ActorSlot, cancel: bool) -> None:
         if slot.actor is not None:

@@ -261,11 +261,15 @@ class InlinePool(PoolCore[_InlineSlot]):
             if slot.stop_requested.done():
                 runner.refuse(msg.id)
             else:
-                runner.start(msg.id, msg.reply is not None, msg.payload)
+                runner.start(msg.id, msg.reply is not None, msg.payload, msg.timeout)
 
     def _send_stop(self, slot: _InlineSlot, cancel: bool) -> None:
         if slot.stop_requested is not None and not slot.stop_requested.done():
             slot.stop_requested.set_result(cancel)
+
+    def _send_cancel(self, slot: _InlineSlot, mid: int) -> None:
+        if slot.runner is not None:
+            slot.runner.cancel(mid)
 
     def _kill(self, slot: _InlineSlot) -> None:
         if slot.task is not None and not slot.task.done():
