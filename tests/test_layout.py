@@ -13,7 +13,9 @@ PACKAGE_DIR = Path(looppool.__file__).resolve().parent
 #: What ``from looppool import *`` gives; a change here is a change of the public API.
 EXPORTED = {
     "FunctionWorker",
+    "HookNameWarning",
     "LooppoolError",
+    "MessageTimeout",
     "Pool",
     "PoolBroken",
     "PoolClosed",

@@ -5,6 +5,7 @@ See the README for a guide; the public names are re-exported here.
 
 from ._core import PoolStats as PoolStats
 from ._errors import LooppoolError as LooppoolError
+from ._errors import MessageTimeout as MessageTimeout
 from ._errors import PoolBroken as PoolBroken
 from ._errors import PoolClosed as PoolClosed
 from ._errors import QueueFull as QueueFull
@@ -14,6 +15,7 @@ from ._errors import WorkerLost as WorkerLost
 from ._errors import WorkerStartError as WorkerStartError
 from ._functions import FunctionWorker as FunctionWorker
 from ._pool import Pool as Pool
+from ._worker import HookNameWarning as HookNameWarning
 from ._worker import SafeWorker as SafeWorker
 from ._worker import Worker as Worker
 from ._worker import WorkerFactory as WorkerFactory
@@ -28,7 +30,9 @@ __version__ = "1.0.0.dev0"
 
 __all__ = [
     "FunctionWorker",
+    "HookNameWarning",
     "LooppoolError",
+    "MessageTimeout",
     "Pool",
     "PoolBroken",
     "PoolClosed",

@@ -50,13 +50,18 @@ class Host(Protocol):
 
     def _tell_all_to_stop(self) -> None: ...
 
-    def _respawn(self, slot: Any) -> None: ...
+    def _respawn(self, slot: Any, death: bool = True) -> None: ...
 
     def _give_up_on(self, slot: Any) -> bool: ...
 
     def _channel_sent(self, slot: Any) -> int: ...
 
     def _send_cancel(self, slot: Any, mid: int) -> None: ...
+
+    @property
+    def _max_messages(self) -> int | None: ...
+
+    def _maybe_retire(self) -> None: ...
 
 
 class BarrierDistribution(Distribution):
@@ -71,8 +76,11 @@ class BarrierDistribution(Distribution):
         self._barrier: Any = None
         # Shared messages accepted and not yet taken by a worker, by id.
         self._out: dict[int, Msg] = {}
-        # The generation is ending: its workers were told to stop.
+        # The generation is ending: its workers were told to stop; and
+        # whether for a death (its replacements count as respawns) or only to
+        # recycle a worker.
         self._regenerating = False
+        self._for_death = False
         # Shared messages withdrawn (their submit was cancelled) after they
         # were written to the queue: a worker that takes one cancels it.
         self._withdrawn: set[int] = set()
@@ -126,7 +134,7 @@ class BarrierDistribution(Distribution):
 
     def _write(self, msg: Msg) -> None:
         assert self._queue is not None
-        self._queue.put(msg.id, msg.reply is not None, msg.payload, self._needs(msg))
+        self._queue.put(msg.id, msg.reply is not None, msg.payload, self._needs(msg), msg.timeout)
 
     def _needs(self, msg: Msg) -> tuple[int, ...]:
         """How many channel messages each worker must have read before it starts ``msg``.
@@ -154,6 +162,8 @@ class BarrierDistribution(Distribution):
         msg = self._out.pop(mid, None)
         if msg is not None:
             self._host._ledger.take(slot, msg)
+            if self._host._max_messages is not None:
+                self._host._maybe_retire()
         elif mid in self._withdrawn:
             self._withdrawn.discard(mid)
             self._host._send_cancel(slot, mid)
@@ -166,7 +176,7 @@ class BarrierDistribution(Distribution):
 
     def retire(self, slot: Slot) -> bool:
         # One worker cannot leave a Barrier: the whole generation is replaced.
-        self._begin_restart()
+        self._begin_restart(death=False)
         return True
 
     def find(self, mid: int) -> Msg | None:
@@ -191,13 +201,14 @@ class BarrierDistribution(Distribution):
             # Begin the restart first: what the dead worker held must not go
             # back on this generation's queue, where a stopping survivor would
             # take it and count a delivery it never ran.
-            self._begin_restart()
+            self._begin_restart(death=True)
 
     def worker_ended(self, slot: Slot) -> bool:
         self._maybe_finish_generation()
         return True
 
-    def _begin_restart(self) -> None:
+    def _begin_restart(self, death: bool) -> None:
+        self._for_death = self._for_death or death
         if self._regenerating:
             return
         self._regenerating = True
@@ -221,8 +232,9 @@ class BarrierDistribution(Distribution):
                 return
         self._close_queue()
         self.start()
+        death, self._for_death = self._for_death, False
         for slot in slots:
             assert slot.state is SlotState.DEAD
-            host._respawn(slot)
+            host._respawn(slot, death)
         if self._writing():
             self._write_backlog()

@@ -364,7 +364,7 @@ class _Runtime:
         # Barrier mode: messages read from the channel so far, and shared
         # messages waiting for channel messages put before them.
         self.channel_received = 0
-        self.waiting_shared: list[tuple[int, bool, bytes, int]] = []
+        self.waiting_shared: list[tuple[int, tuple[Any, ...]]] = []  # (need, OP_MSG item)
         self.decoder = P.FrameDecoder()
         # Back-pressure: the channel is read (and the shared queue taken from)
         # only while the outbox has room; see Outbox.over.
@@ -518,7 +518,7 @@ class _Runtime:
             except threading.BrokenBarrierError:
                 return
 
-    def _on_shared(self, item: tuple[int, bool, bytes, tuple[int, ...]]) -> None:
+    def _on_shared(self, item: tuple[int, bool, bytes, tuple[int, ...], float | None]) -> None:
         """Start a message from the shared queue, once what was put before it has arrived.
 
         A message put to this worker (``worker=k``, broadcast) travels on its
@@ -528,23 +528,23 @@ class _Runtime:
         this worker has read as many. (The seed's "put a state to each worker,
         then shared work" pattern relies on that order.)
         """
-        mid, want_reply, payload, needs = item
+        mid, want_reply, payload, needs, timeout = item
         # Only messages from the shared queue took a slot of the semaphore:
         # directed ones, sent by the parent within its own window, did not.
         self.shared_ids.add(mid)
         need = needs[self.cfg.number]
         if need > self.channel_received:
-            self.waiting_shared.append((mid, want_reply, payload, need))
+            self.waiting_shared.append((need, (P.OP_MSG, mid, want_reply, payload, timeout)))
             return
-        self._on_items([(P.OP_MSG, mid, want_reply, payload)])
+        self._on_items([(P.OP_MSG, mid, want_reply, payload, timeout)])
 
     def _start_waiting_shared(self) -> None:
         waiting, self.waiting_shared = self.waiting_shared, []
-        for mid, want_reply, payload, need in waiting:
+        for need, msg in waiting:
             if need > self.channel_received:
-                self.waiting_shared.append((mid, want_reply, payload, need))
+                self.waiting_shared.append((need, msg))
             else:
-                self._on_items([(P.OP_MSG, mid, want_reply, payload)])
+                self._on_items([msg])
 
     def _release_slot(self, mid: int) -> None:
         if mid in self.shared_ids:
@@ -572,5 +572,5 @@ class _Runtime:
                 # nothing more): it is not started, and the parent sends it
                 # again or counts it lost.
                 waiting, self.waiting_shared = self.waiting_shared, []
-                for waiting_item in waiting:
-                    runner.refuse(waiting_item[0])
+                for _, waiting_msg in waiting:
+                    runner.refuse(waiting_msg[1])

@@ -74,6 +74,8 @@ DEFAULT_MAX_PENDING: Final = 10_000
 #: Results that may wait unread in the parent while a results() consumer
 #: lags, before the pool stops reading what the workers send (see _pause).
 DEFAULT_MAX_RESULTS: Final = 4096
+#: Seconds between a worker's reports of its memory (max_memory_per_worker).
+MEMORY_CHECK: Final = 1.0
 MAX_START_FAILURES: Final = 3  # consecutive failed replacements of one worker before giving up
 RESPAWN_BACKOFF: Final = 0.1  # seconds, doubled per consecutive failure
 
@@ -165,7 +167,6 @@ class WorkerSlot(Slot):
         self.last_seen = 0.0
         self.stack = ""
         self.rss = 0  # bytes, as the worker last reported (max_memory_per_worker)
-        self.retiring = False  # told to stop so that a fresh worker replaces it
 
 
 S = TypeVar("S", bound=WorkerSlot)
@@ -850,6 +851,22 @@ class PoolCore(abc.ABC, Generic[S]):
         )
         slot.farewell = Farewell.HUNG  # a death: replaced, and what it held rescued
         self._kill(slot)
+
+    def _heartbeat_options(self) -> tuple[float, float | None, bool] | None:
+        """A worker's heartbeat: ``(interval, hang_timeout, report_rss)``, or None for none.
+
+        Every quarter of ``hang_timeout``, so that the parent hears from an
+        idle worker well within it; every ``MEMORY_CHECK`` seconds, with the
+        RSS, for ``max_memory_per_worker``.
+        """
+        beats = []
+        if self._hang_timeout is not None:
+            beats.append(self._hang_timeout / 4)
+        if self._max_memory is not None:
+            beats.append(MEMORY_CHECK)
+        if not beats:
+            return None
+        return (min(beats), self._hang_timeout, self._max_memory is not None)
 
     def _maybe_retire(self) -> None:
         """Retire a worker past ``max_messages_per_worker`` or ``max_memory_per_worker``.

@@ -151,6 +151,9 @@ class Slot:
         self.taken = 0
         # Messages sent to its current worker (max_messages_per_worker).
         self.delivered = 0
+        # Its worker was told to stop so that a fresh one replaces it
+        # (recycling): what is dealt to it meanwhile waits for the fresh one.
+        self.retiring = False
 
     @property
     def alive(self) -> bool:
@@ -235,9 +238,9 @@ class Ledger:
         if not ready:
             ready = [s.number for s in self.slots if s.state is SlotState.READY]
         if not ready:
-            # Every worker is being replaced: deal to those starting; their
-            # messages wait in the parent until they are ready.
-            ready = [s.number for s in self.slots if s.state is SlotState.STARTING]
+            # Every worker is being replaced: deal to those starting (or
+            # recycled); their messages wait in the parent until they are ready.
+            ready = [s.number for s in self.slots if s.state is SlotState.STARTING or s.retiring]
         if not ready:
             raise NoWorkerLeft
         self._round.extend(ready)
@@ -443,6 +446,7 @@ class Ledger:
         slot.held[msg.id] = msg
         msg.taken = True
         slot.taken += 1
+        slot.delivered += 1
 
     def _redeal(self, dead: Slot, msg: Msg) -> None:
         """Deal a shared message that waited for a dead worker to another one."""

@@ -87,15 +87,15 @@ class SharedReader:
     conn: Connection
     lock: Any  # multiprocessing.Lock
 
-    def get(self) -> tuple[int, bool, bytes, tuple[int, ...]]:
-        """Block until a message is there; return ``(id, want_reply, payload, needs)``."""
+    def get(self) -> tuple[int, bool, bytes, tuple[int, ...], float | None]:
+        """Block until a message is there; return ``(id, want_reply, payload, needs, timeout)``."""
         fd = self.conn.fileno()
         with self.lock:
             # Exact reads, never buffered: bytes read ahead would belong to
             # the next reader's message.
             (length,) = P.HEADER.unpack(P.read_exactly(fd, P.HEADER.size))
             body = P.read_exactly(fd, length)
-        item: tuple[int, bool, bytes, tuple[int, ...]] = pickle.loads(body)
+        item: tuple[int, bool, bytes, tuple[int, ...], float | None] = pickle.loads(body)
         return item
 
 
@@ -111,13 +111,21 @@ class SharedQueue:
         self._writer_conn: Connection = writer
         self._writer = PipeWriter(loop, writer.fileno())
 
-    def put(self, mid: int, want_reply: bool, payload: bytes, needs: tuple[int, ...]) -> None:
+    def put(
+        self,
+        mid: int,
+        want_reply: bool,
+        payload: bytes,
+        needs: tuple[int, ...],
+        timeout: float | None,
+    ) -> None:
         """Queue one message (already pickled by the caller).
 
         ``needs[k]``: how many messages worker k must have read from its own
-        channel before it may start this one (see ``_child._Runtime._on_shared``).
+        channel before it may start this one (see ``_child._Runtime._on_shared``);
+        ``timeout``: its deadline in seconds, or None.
         """
-        self._writer.write(P.encode((mid, want_reply, payload, needs)))
+        self._writer.write(P.encode((mid, want_reply, payload, needs, timeout)))
 
     def close(self) -> None:
         """End this queue: what was not written is dropped; both parent ends are closed."""

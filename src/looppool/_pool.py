@@ -41,6 +41,7 @@ from ._child import ChildConfig, worker_main
 from ._core import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_RESULTS,
     Farewell,
     PoolCore,
     PoolStats,
@@ -57,9 +58,6 @@ from ._worker import Worker
 __all__ = ["Pool", "PoolStats"]
 
 LoopKind = Literal["auto", "asyncio", "uvloop"]
-
-#: Seconds between a worker's reports of its memory (max_memory_per_worker).
-MEMORY_CHECK = 1.0
 StartMethod = Literal["fork", "spawn", "forkserver"]
 Distribution = Literal["rounds", "barrier"]
 
@@ -113,6 +111,21 @@ class Pool(PoolCore[_ProcSlot]):
       ``multiprocessing.Barrier``).
     * ``statsd``, ``statsd_prefix``, ``metrics_interval``,
       ``blocking_threshold`` — monitoring, see :mod:`looppool.metrics`.
+    * ``message_timeout`` — seconds a message may run in a worker (from
+      when the worker starts it) before its handler is cancelled and it fails
+      with :class:`~looppool.MessageTimeout`; ``timeout=`` of ``put`` and
+      ``submit`` overrides it per message. Default: none.
+    * ``hang_timeout`` — seconds a worker's loop may go without turning
+      (blocked in C, ``time.sleep``, a deadlock, SIGSTOP) before the worker is
+      killed and replaced as if it had died; the stack it was stuck in is
+      logged. Default: none.
+    * ``max_messages_per_worker``, ``max_memory_per_worker`` (bytes of RSS) —
+      recycling: a worker past either finishes what it holds, runs
+      ``finalise()`` and is replaced by a fresh one, one worker at a time.
+    * ``max_results`` — results that may wait unread while a ``results()``
+      consumer lags before the pool stops reading the workers (they then
+      stop starting messages, and ``put`` waits): memory stays bounded.
+      Default 4096; ``None``: no bound.
     """
 
     def __init__(
@@ -131,6 +144,11 @@ class Pool(PoolCore[_ProcSlot]):
         statsd_prefix: str | None = None,
         metrics_interval: float = 10.0,
         blocking_threshold: float | None = None,
+        message_timeout: float | None = None,
+        hang_timeout: float | None = None,
+        max_messages_per_worker: int | None = None,
+        max_memory_per_worker: int | None = None,
+        max_results: int | None = DEFAULT_MAX_RESULTS,
     ) -> None:
         super().__init__(
             worker,
@@ -139,6 +157,11 @@ class Pool(PoolCore[_ProcSlot]):
             max_pending=max_pending,
             on_result=on_result,
             name=name,
+            message_timeout=message_timeout,
+            hang_timeout=hang_timeout,
+            max_messages_per_worker=max_messages_per_worker,
+            max_memory_per_worker=max_memory_per_worker,
+            max_results=max_results,
         )
         if loop not in ("auto", "asyncio", "uvloop"):
             raise ValueError(f"loop must be 'auto', 'asyncio' or 'uvloop', not {loop!r}")
@@ -217,7 +240,7 @@ class Pool(PoolCore[_ProcSlot]):
             forked=self._start_method == "fork",
             concurrency=self._concurrency,
             monitor=self._monitor,
-            beat=self._beat_interval(),
+            beat=(self._heartbeat_options() or (None,))[0],
             hang_timeout=self._hang_timeout,
             report_rss=self._max_memory is not None,
             **self._dist.worker_options(),
@@ -282,16 +305,6 @@ class Pool(PoolCore[_ProcSlot]):
             f"its process died ({describe_exit(exitcode)})",
             WorkerLost(slot.number, slot.pid, exitcode),
         )
-
-    def _beat_interval(self) -> float | None:
-        """How often a worker's heartbeat runs: a quarter of hang_timeout; every
-        MEMORY_CHECK seconds for max_memory_per_worker; or not at all."""
-        beats = []
-        if self._hang_timeout is not None:
-            beats.append(self._hang_timeout / 4)
-        if self._max_memory is not None:
-            beats.append(MEMORY_CHECK)
-        return min(beats) if beats else None
 
     def _send(self, slot: _ProcSlot, batch: list[Msg]) -> None:
         frame = P.encode(

@@ -69,6 +69,7 @@ import logging
 import os
 import pickle
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
@@ -78,6 +79,7 @@ from ._child import _ForwardHandler
 from ._core import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_RESULTS,
     Farewell,
     PoolCore,
     ResultCallback,
@@ -86,14 +88,14 @@ from ._core import (
 from ._errors import WorkerLost
 from ._ledger import Msg, SlotState
 from ._monitor import WorkerMonitor, monitor_options
-from ._runner import MessageRunner
+from ._runner import Heartbeat, MessageRunner
 from ._worker import Worker
 
 __all__ = ["RESERVED_OPTIONS", "RayPool"]
 
 
 #: Actor calls that may run beside the deliveries: ``start``, ``next_events``, ``stop``.
-CONTROL_CALLS: Final = 3
+CONTROL_CALLS: Final = 4  # start, next_events, stop, cancel (each returns at once but stop)
 #: Actor options RayPool sets itself; passing them would break its guarantees.
 RESERVED_OPTIONS: Final = frozenset(
     {
@@ -128,8 +130,13 @@ class LooppoolActor:
         pool_name: str,
         log_level: int,
         monitor: dict[str, Any] | None = None,
+        beat: tuple[float, float | None, bool] | None = None,
     ) -> None:
         self._runner = MessageRunner(factory, number, self.add)
+        # (interval, hang_timeout, report_rss) of the heartbeat, as in a worker process.
+        self._beat = beat
+        self._heartbeat: Heartbeat | None = None
+        self._last_sent = 0.0
         self._number = number
         self._pool_name = pool_name
         self._log_level = log_level
@@ -204,6 +211,7 @@ class LooppoolActor:
             await self._waiter
         # popleft, not a swap of lists: another thread may append meanwhile.
         items = [events.popleft() for _ in range(len(events))]
+        self._last_sent = time.monotonic()
         return pickle.dumps(items, P.PROTOCOL)
 
     # -- life cycle ---------------------------------------------------------------
@@ -222,6 +230,15 @@ class LooppoolActor:
             if worker is not None:
                 # As in a Pool's worker: after initialise(), before EV_READY.
                 self._monitor = self._start_monitor()
+                if self._beat is not None:
+                    assert self._loop is not None
+                    # Events made on other threads join the buffer at once, but
+                    # a stuck loop cannot answer next_events: the stack of a
+                    # hung actor never reaches the parent (it is killed without).
+                    self._heartbeat = Heartbeat(
+                        self._loop, self.add, self.add, lambda: self._last_sent, *self._beat
+                    )
+                    self._heartbeat.start()
         finally:
             self._started.set()  # stop() may now proceed, started or not
         if worker is None:
@@ -258,6 +275,8 @@ class LooppoolActor:
                 await fut
             if self._runner.worker is not None:
                 await self._runner.finish_in_flight(cancel)
+                if self._heartbeat is not None:
+                    self._heartbeat.close()
                 monitor, self._monitor = self._monitor, None
                 if monitor is not None:
                     await monitor.aclose()  # never raises
@@ -310,6 +329,9 @@ class _ActorSlot(WorkerSlot):
         self.node: str | None = None
         self.sent = 0  # delivery batches sent to the current actor
         self.listener: asyncio.Task[None] | None = None
+        # Cleared while max_results holds back reading: the listener waits before its next call.
+        self.flowing = asyncio.Event()
+        self.flowing.set()
 
 
 class RayPool(PoolCore[_ActorSlot]):
@@ -372,6 +394,11 @@ class RayPool(PoolCore[_ActorSlot]):
         statsd_prefix: str | None = None,
         metrics_interval: float = 10.0,
         blocking_threshold: float | None = None,
+        message_timeout: float | None = None,
+        hang_timeout: float | None = None,
+        max_messages_per_worker: int | None = None,
+        max_memory_per_worker: int | None = None,
+        max_results: int | None = DEFAULT_MAX_RESULTS,
         **ray_actor_options: Any,
     ) -> None:
         super().__init__(
@@ -381,6 +408,11 @@ class RayPool(PoolCore[_ActorSlot]):
             max_pending=max_pending,
             on_result=on_result,
             name=name,
+            message_timeout=message_timeout,
+            hang_timeout=hang_timeout,
+            max_messages_per_worker=max_messages_per_worker,
+            max_memory_per_worker=max_memory_per_worker,
+            max_results=max_results,
         )
         if address is not None and not isinstance(address, str):
             raise TypeError(f"address must be a str or None, not {address!r}")
@@ -454,6 +486,7 @@ class RayPool(PoolCore[_ActorSlot]):
             self.name,
             logging.getLogger().getEffectiveLevel(),
             self._monitor,
+            self._heartbeat_options(),
         )
         slot.actor = actor
         slot.state = SlotState.STARTING
@@ -473,6 +506,7 @@ class RayPool(PoolCore[_ActorSlot]):
         """Keep one ``next_events`` call outstanding on ``actor``; dispatch each answer."""
         try:
             while True:
+                await slot.flowing.wait()
                 data = await actor.next_events.remote()
                 if data is None:
                     break
@@ -509,6 +543,12 @@ class RayPool(PoolCore[_ActorSlot]):
         # rescues what it held; the call's own error adds nothing.
         slot.actor.deliver.remote(slot.sent, pickle.dumps(items, P.PROTOCOL))
         slot.sent += 1
+
+    def _pause_reading(self, slot: _ActorSlot) -> None:
+        slot.flowing.clear()
+
+    def _resume_reading(self, slot: _ActorSlot) -> None:
+        slot.flowing.set()
 
     def _send_cancel(self, slot: _ActorSlot, mid: int) -> None:
         if slot.actor is not None:

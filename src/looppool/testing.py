@@ -50,11 +50,14 @@ from . import _protocol as P
 from ._core import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_RESULTS,
     Farewell,
     Phase,
     PoolCore,
     PoolStats,
     WorkerSlot,
+    check_int,
+    check_seconds,
 )
 from ._errors import WorkerLost
 from ._ledger import Msg, SlotState
@@ -138,10 +141,15 @@ class InlinePool(PoolCore[_InlineSlot]):
     :exc:`~looppool.WorkerLost`, signals, start methods, the loop kind
     (uvloop), the ``"barrier"`` distribution's mechanism (its guarantees
     hold), blocking detection, metrics, process titles, the tagging of worker
-    log records, and killing at ``stop(timeout=...)`` (what outlives the
-    timeout is cancelled instead). The options for them (``loop``,
-    ``start_method``, ``distribution``, ...) are accepted and ignored. All
-    workers share one loop: a handler that blocks it blocks them all.
+    log records, killing at ``stop(timeout=...)`` (what outlives the timeout
+    is cancelled instead), hung workers (``hang_timeout``), recycling by
+    memory (``max_memory_per_worker``) and results back-pressure (results
+    reach the parent at once). The options for them (``loop``,
+    ``start_method``, ``distribution``, ``hang_timeout``, ...) are accepted and
+    ignored. All workers share one loop: a handler that blocks it blocks them
+    all. Message deadlines (``message_timeout``, ``timeout=``), cancelling a
+    ``submit()``, and recycling after ``max_messages_per_worker`` (a fresh
+    worker object, ``initialise()`` again) behave as in ``Pool``.
     """
 
     def __init__(
@@ -154,6 +162,9 @@ class InlinePool(PoolCore[_InlineSlot]):
         on_result: Callable[[Any], Awaitable[None] | None] | None = None,
         name: str | None = None,
         pickle: bool = True,
+        message_timeout: float | None = None,
+        max_messages_per_worker: int | None = None,
+        max_results: int | None = DEFAULT_MAX_RESULTS,
         **process_options: Any,
     ) -> None:
         super().__init__(
@@ -163,7 +174,14 @@ class InlinePool(PoolCore[_InlineSlot]):
             max_pending=max_pending,
             on_result=on_result,
             name=name,
+            message_timeout=message_timeout,
+            max_messages_per_worker=max_messages_per_worker,
+            max_results=max_results,
         )
+        # Checked as Pool checks them, then ignored: no process to watch.
+        check_seconds("hang_timeout", process_options.get("hang_timeout"))
+        if process_options.get("max_memory_per_worker") is not None:
+            check_int("max_memory_per_worker", process_options["max_memory_per_worker"])
         _check_choice("loop", process_options.get("loop", "auto"), LOOP_KINDS)
         if process_options.get("start_method") is not None:
             _check_choice("start_method", process_options["start_method"], START_METHODS)

@@ -1,0 +1,58 @@
+"""Workers for test_deadlines.py and test_cancel.py (a module of their own: spawn imports it)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import looppool
+
+
+class Slow(looppool.SafeWorker):
+    """Messages are ``(kind, arg)``; each kind does something slow, or fails to end.
+
+    * ``("sleep", s)`` awaits ``s`` seconds; its ``finally`` puts ``("finally", s)``;
+    * ``("block", s)`` blocks the loop with ``time.sleep(s)``;
+    * ``("echo", x)`` replies ``x`` (and puts ``("echo", x, pid)``);
+    * ``("pid", _)`` replies with the process id;
+    * ``("grow", n)`` keeps ``n`` more bytes for the life of the worker (after a short await);
+    * ``("results", (n, size))`` puts ``n`` results of ``size`` bytes with put_result_wait.
+    """
+
+    def initialise(self) -> None:
+        self.hoard: list[bytearray] = []
+
+    async def process_message(self, message: tuple[str, Any]) -> Any:
+        kind, arg = message
+        if kind == "sleep":
+            try:
+                await asyncio.sleep(arg)
+            finally:
+                self.put_result(("finally", arg))
+            return "slept"
+        if kind == "block":
+            time.sleep(arg)  # noqa: ASYNC251 (blocking the loop is the point)
+            return "blocked"
+        if kind == "echo":
+            self.put_result(("echo", arg, os.getpid()))
+            return arg
+        if kind == "pid":
+            return os.getpid()
+        if kind == "grow":
+            await asyncio.sleep(0.2)
+            self.hoard.append(bytearray(arg))
+            return len(self.hoard)
+        if kind == "results":
+            count, size = arg
+            for i in range(count):
+                await self.put_result_wait((i, b"x" * size))
+            return count
+        raise ValueError(f"unknown kind {kind!r}")
+
+
+class SlowWorker(Slow, looppool.Worker):
+    """Slow as a plain ``looppool.Worker``."""
+
+    safe = False

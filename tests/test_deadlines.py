@@ -1,0 +1,212 @@
+"""Faults where a worker lives but makes no progress: deadlines, hung workers, recycling.
+
+Each through the public API, under fork and spawn (and InlinePool where it
+means something), for both worker classes and both distributions. Deadlines
+here are bounds on a hang, never a measure of speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections import Counter
+from typing import Any
+
+import psutil
+import pytest
+
+import limit_workers as lw
+import looppool
+from looppool.testing import InlinePool
+
+CLASSES = {"SafeWorker": lw.Slow, "Worker": lw.SlowWorker}
+
+
+@pytest.fixture(params=["fork", "spawn", "inline"])
+def make(request: pytest.FixtureRequest, loop_kind: str) -> Any:
+    """A pool: processes under fork or spawn, or InlinePool."""
+
+    def build(worker: Any, size: int = 2, **options: Any) -> Any:
+        if request.param == "inline":
+            return InlinePool(worker, size=size, **options)
+        options.setdefault("start_method", request.param)
+        options.setdefault("loop", loop_kind)
+        return looppool.Pool(worker, size=size, **options)
+
+    return build
+
+
+@pytest.fixture
+def make_process(start_method: str, loop_kind: str) -> Any:
+    """A process pool under this run's start method and loop."""
+
+    def build(worker: Any, size: int = 2, **options: Any) -> looppool.Pool:
+        options.setdefault("start_method", start_method)
+        options.setdefault("loop", loop_kind)
+        return looppool.Pool(worker, size=size, **options)
+
+    return build
+
+
+@pytest.fixture(params=["rounds", "barrier"])
+def distribution(request: pytest.FixtureRequest) -> str:
+    """Fair rounds, or the seed's shared queue and Barrier."""
+    return str(request.param)
+
+
+@pytest.fixture(params=list(CLASSES))
+def worker_class(request: pytest.FixtureRequest) -> Any:
+    """SafeWorker or plain Worker."""
+    return CLASSES[request.param]
+
+
+# -- message deadlines ------------------------------------------------------------
+
+
+async def test_message_timeout_cancels_the_handler_and_fails_the_message(
+    make: Any, worker_class: Any, distribution: str
+) -> None:
+    """Past message_timeout: the handler is cancelled (finally runs); submit: MessageTimeout."""
+    async with make(worker_class, message_timeout=0.2, distribution=distribution) as pool:
+        results = pool.results()
+        late = asyncio.ensure_future(pool.submit(("sleep", 3600)))
+        assert await pool.submit(("echo", 1)) == 1  # the worker serves others meanwhile
+        with pytest.raises(looppool.MessageTimeout) as info:
+            await late
+        assert isinstance(info.value, TimeoutError)
+        assert isinstance(info.value, looppool.LooppoolError)
+        assert info.value.timeout == 0.2
+        assert isinstance(info.value.__cause__, looppool.RemoteTraceback)
+        assert await pool.submit(("echo", 2)) == 2
+        stats = pool.stats()
+        assert (stats.timed_out, stats.failed, stats.processed) == (1, 1, 2)
+    seen = [r async for r in results]
+    assert ("finally", 3600) in seen
+
+
+async def test_timeout_per_call_overrides_the_pools(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """submit(timeout=) and put(timeout=) set one message's deadline; others have none."""
+    caplog.set_level(logging.WARNING)
+    async with make(lw.Slow) as pool:
+        with pytest.raises(looppool.MessageTimeout):
+            await pool.submit(("sleep", 3600), timeout=0.1)
+        assert await pool.submit(("sleep", 0.01), timeout=30) == "slept"
+        await pool.put(("sleep", 3600), timeout=0.1)
+        await pool.drain()
+        assert pool.stats().timed_out == 2
+    assert any("longer than its timeout of 0.1 s" in r.getMessage() for r in caplog.records)
+
+
+async def test_bad_timeouts_are_refused_where_they_are_given(make: Any) -> None:
+    """A timeout that is not a positive number raises ValueError at the call, nothing sent."""
+    with pytest.raises(ValueError, match="message_timeout"):
+        make(lw.Slow, message_timeout=0)
+    async with make(lw.Slow) as pool:
+        for bad in (0, -1, "1", True):
+            with pytest.raises(ValueError, match="timeout"):
+                await pool.submit(("echo", 1), timeout=bad)
+        assert pool.stats().put == 0
+
+
+# -- hung workers -------------------------------------------------------------------
+
+
+async def test_a_blocked_loop_is_killed_and_replaced(
+    make_process: Any, worker_class: Any, distribution: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler blocking its loop for ever: the worker is killed, its stack logged, replaced."""
+    caplog.set_level(logging.ERROR)
+    pool = make_process(worker_class, hang_timeout=0.5, distribution=distribution)
+    async with pool, asyncio.timeout(60):
+        pids = pool.pids
+        blocked = asyncio.ensure_future(pool.submit(("block", 10**6)))
+        neighbour = asyncio.ensure_future(pool.submit(("sleep", 0.3)))
+        with pytest.raises(looppool.WorkerLost):
+            await blocked
+        assert await neighbour == "slept"  # (a SafeWorker's neighbour runs again if need be)
+        assert await pool.submit(("echo", 3)) == 3
+        stats = pool.stats()
+        # A SafeWorker message that hangs is a poison message: alone in two hung workers.
+        assert stats.hung == (2 if worker_class.safe else 1)
+        assert pool.pids != pids
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "hang_timeout=0.5" in logged
+    assert "time.sleep" in logged  # the stack it was stuck in
+
+
+async def test_a_stopped_process_is_replaced_and_its_message_sent_again(
+    make_process: Any, distribution: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGSTOP on a SafeWorker holding a message: replaced; the message runs elsewhere."""
+    caplog.set_level(logging.ERROR)
+    pool = make_process(lw.Slow, hang_timeout=0.5, distribution=distribution)
+    async with pool, asyncio.timeout(60):
+        pid = await pool.submit(("pid", None), worker=0)
+        held = asyncio.ensure_future(pool.submit(("sleep", 2), worker=0))
+        os.kill(pid, signal.SIGSTOP)
+        assert await held == "slept"  # sent again to worker 0's replacement
+        assert pool.pids[0] != pid
+        assert pool.stats().hung == 1
+    assert any("sent no stack" in r.getMessage() for r in caplog.records)
+
+
+async def test_stop_with_a_timeout_ends_a_stopped_worker(make_process: Any) -> None:
+    """stop(timeout=1) returns within a bound although a worker is SIGSTOPped; no process left."""
+    pool = make_process(lw.Slow)
+    await pool.start()
+    pid = await pool.submit(("pid", None), worker=0)
+    os.kill(pid, signal.SIGSTOP)
+    await pool.put(("sleep", 3600), worker=1)
+    async with asyncio.timeout(3):
+        await pool.stop(timeout=1)
+    assert pool.pids == (None, None)
+
+
+# -- recycling ----------------------------------------------------------------------
+
+
+async def test_recycling_after_n_messages_loses_nothing(
+    make: Any, worker_class: Any, distribution: str
+) -> None:
+    """max_messages_per_worker: workers are replaced; 10,000 messages, each run exactly once."""
+    count = 10_000
+    async with make(worker_class, max_messages_per_worker=1000, distribution=distribution) as pool:
+        for i in range(count):
+            await pool.put(("echo", i))
+        await pool.drain()
+        stats = pool.stats()
+        assert (stats.processed, stats.lost, stats.failed) == (count, 0, 0)
+        assert stats.recycled >= 1  # one at a time: how many depends on how fast workers start
+        assert stats.respawns == 0  # recycling is not a death
+    runs = Counter()
+    pids = set()
+    async for _, i, pid in pool.results():
+        runs[i] += 1
+        pids.add(pid)
+    assert runs == Counter(range(count))  # every message once, none twice
+    if pool.pids != (None, None):  # a process pool: new processes took over
+        assert len(pids) > 2
+
+
+async def test_recycling_after_rss_limit(make_process: Any, distribution: str) -> None:
+    """max_memory_per_worker: a worker whose RSS passes the limit is replaced by a fresh one."""
+    async with make_process(lw.Slow, size=1, distribution=distribution) as pool:
+        baseline = psutil.Process(await pool.submit(("pid", None))).memory_info().rss
+    limit = baseline + (64 << 20)
+    async with make_process(
+        lw.Slow, size=1, distribution=distribution, max_memory_per_worker=limit
+    ) as pool:
+        first = await pool.submit(("pid", None))
+        most = 0
+        for _ in range(60):  # 8 MiB each: well past the limit if nothing recycles the worker
+            most = max(most, await pool.submit(("grow", 8 << 20)))
+            if pool.stats().recycled:
+                break
+        assert pool.stats().recycled == 1
+        assert most > 8  # it was recycled once past the limit (64 MiB more), not before
+        assert await pool.submit(("pid", None)) != first
+        assert await pool.submit(("grow", 0)) < most  # a fresh worker: what it kept is gone
