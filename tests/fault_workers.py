@@ -73,6 +73,11 @@ class Fault:
                 return  # spent: another process (or an earlier delivery) fired it
         if self.kind == "raise":
             raise InjectedFault(f"fault injected while {site}")
+        if self.kind == "hang":
+            # A loop blocked for ever in C (the pool's hang_timeout ends it).
+            import time
+
+            time.sleep(10**6)
         if self.kind == "exit":
             sys.exit(EXIT_CODE)
         if self.kind == "_exit":
@@ -216,6 +221,8 @@ class Faults(looppool.Worker):
         if op == "arm-finalise":
             self.final_fault = args[0]
             return "armed"
+        if op == "stall":
+            return self._stall()
         if op == "hold":
             return self._hold(*args)
         handler = {
@@ -236,6 +243,10 @@ class Faults(looppool.Worker):
     def _echo(self, tag: Any) -> Any:
         self.put_result((self.number, tag))
         return tag
+
+    async def _stall(self) -> Any:
+        await asyncio.sleep(3600)  # never returns in time: its deadline cancels it
+        return SURVIVED
 
     def _inject(self, fault: Fault) -> Any:
         fault.fire("processing a message")

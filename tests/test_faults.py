@@ -62,6 +62,8 @@ SIZE = 2
 CASE_DEADLINE = 30.0
 #: Seconds a dead or stopped worker's process may take to disappear.
 EXIT_DEADLINE = 5.0
+#: The catalogue's pools kill a worker whose loop is stuck this long (the hang case).
+HANG_TIMEOUT = 1.0
 
 #: Where a fault fires in a worker: every kind of fault can fire there.
 WORKER_SITES = {
@@ -599,6 +601,37 @@ class Bench:
         else:
             assert set(results) <= set(tags)
 
+    async def run_deadline(self) -> None:
+        """A message past its timeout: cancelled in the worker, MessageTimeout; the pool whole."""
+        pool = self.pool
+        before, pids = pool.stats(), pool.pids
+        with pytest.raises(looppool.MessageTimeout):
+            await pool.submit(("stall",), timeout=0.1)
+        after = pool.stats()
+        assert (after.timed_out - before.timed_out, after.failed - before.failed) == (1, 1)
+        assert await self.probe() == []
+        assert pool.pids == pids, "a deadline ends the message, not its worker"
+
+    async def run_hang(self) -> None:
+        """A loop blocked for ever: the worker is killed and replaced as if it had died.
+
+        ``SafeWorker``: the message runs again (its fault, one-shot, is spent);
+        ``Worker``: it fails with WorkerLost.
+        """
+        pool = self.pool
+        before, pids, mark = pool.stats(), pool.pids, len(self.caplog.records)
+        message = ("inject", fw.Fault("hang", token=self.token()), "sync")
+        if self.safe:
+            assert await pool.submit(message) == fw.SURVIVED
+        else:
+            with pytest.raises(looppool.WorkerLost):
+                await pool.submit(message)
+        assert pool.stats().hung - before.hung == 1
+        self.assert_logged(mark, "hang_timeout", "time.sleep")
+        results = await self.probe()
+        assert results == ([fw.SURVIVED] if self.safe else [])
+        self.check_replaced(pids, pool.stats().respawns - before.respawns, deaths=1)
+
     async def run_replacement_fails_to_start(self, kind: str, token: Path) -> None:
         """A worker dies; its replacement's initialise() fails once; the one after serves."""
         pool = self.pool
@@ -672,7 +705,12 @@ async def test_fault_catalogue(
         CLASSES[worker_class], init_fault=fw.Fault(replacement_fault, token=str(respawn_token))
     )
     pool = looppool.Pool(
-        factory, size=SIZE, start_method=method, loop=loop_kind, distribution=distribution
+        factory,
+        size=SIZE,
+        start_method=method,
+        loop=loop_kind,
+        distribution=distribution,
+        hang_timeout=HANG_TIMEOUT,
     )
     bench = Bench(pool, worker_class == "SafeWorker", distribution, tmp_path, caplog)
     try:
@@ -685,6 +723,10 @@ async def test_fault_catalogue(
         poison = ("exit", *fw.CRASHES)[index % 4]
         async with deadline(f"a poison message ({poison}) among neighbours", pool):
             await bench.run_poison(poison)
+        async with deadline("a message past its deadline", pool):
+            await bench.run_deadline()
+        async with deadline("a loop blocked for ever (hang_timeout)", pool):
+            await bench.run_hang()
         # Only the failed start depends on the start method, and the start tests cover it.
         if method == "fork" or exhaustive:
             what = f"{replacement_fault} while initialising a replacement worker"

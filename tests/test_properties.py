@@ -62,6 +62,7 @@ T = TypeVar("T")
 SIZE = 2
 STEP_DEADLINE = 30.0  # seconds; generous, as the machine is shared: a hang, not noise
 MAX_STRIKES = 2  # a SafeWorker copy is failed once it was alone in this many dying workers
+LATE, DEADLINE = 3600.0, 0.02  # a "late" message's delay, and the timeout it is sent with
 
 kinds = st.sampled_from(["ok", "ok", "ok", "fail"])
 delays = st.sampled_from([0.0, 0.0, 0.001, 0.005, 0.02])
@@ -172,6 +173,8 @@ class PoolMachine(RuleBasedStateMachine):
         elif copy.kind == "fail":
             assert isinstance(outcome, ValueError), f"message {mid}: {outcome!r}"
             assert isinstance(outcome.__cause__, looppool.RemoteTraceback)
+        elif copy.kind == "late":
+            assert isinstance(outcome, looppool.MessageTimeout), f"message {mid}: {outcome!r}"
         else:
             assert not isinstance(outcome, BaseException), f"message {mid}: {outcome!r}"
             done, key, number, pid = outcome
@@ -201,7 +204,7 @@ class PoolMachine(RuleBasedStateMachine):
     def may_not_be_lost(self, copy_id: tuple[int, int | None]) -> bool:
         """Whether a copy must produce its result: not poison, not cancelled, < two kills since."""
         copy = self.accepted[copy_id]
-        if copy.kind == "die" or copy_id[0] in self.cancelled:
+        if copy.kind in ("die", "late") or copy_id[0] in self.cancelled:
             return False
         return self.kills - copy.kills_at < MAX_STRIKES
 
@@ -309,6 +312,20 @@ class PoolMachine(RuleBasedStateMachine):
                 return exc
 
         self.check_reply(message[0], self.run(outcome(), "submit()"))
+
+    @rule(worker=workers)
+    def submit_past_its_deadline(self, worker: int | None) -> None:
+        """A message slower than its timeout= fails with MessageTimeout; the worker serves on."""
+        pool = self.live_pool
+        message = self.message("late", LATE, worker)
+
+        async def outcome() -> Any:
+            try:
+                return await pool.submit(message, worker=worker, timeout=DEADLINE)
+            except Exception as exc:
+                return exc
+
+        self.check_reply(message[0], self.run(outcome(), "submit(timeout=...)"))
 
     @rule(batch=items, worker=workers)
     def submit_in_background(self, batch: list[tuple[str, float]], worker: int | None) -> None:
@@ -463,8 +480,9 @@ class PoolMachine(RuleBasedStateMachine):
         # withdrawn): it then counts as cancelled, or as what it did.
         cancelled = {c for c in self.accepted if c[0] in self.cancelled}
         ran_cancelled = len(cancelled & set(self.seen))
-        assert len(missing - cancelled) <= s.lost, f"{len(missing)} copies without a result, {s}"
-        assert len(missing) <= s.lost + s.cancelled <= len(missing) + ran_cancelled, s
+        ended = s.lost + s.timed_out  # copies that end without a result, if not cancelled
+        assert len(missing - cancelled) <= ended, f"{len(missing)} without a result, {s}"
+        assert len(missing) <= ended + s.cancelled <= len(missing) + ran_cancelled, s
         assert self.lost_by_submit <= {mid for mid, _ in missing}
         for copy_id, count in self.seen.items():
             # A copy runs again only after a worker that held it died, and
@@ -472,13 +490,17 @@ class PoolMachine(RuleBasedStateMachine):
             deaths = s.respawns - self.accepted[copy_id].respawns_at
             assert count <= 1 + deaths, f"{copy_id} ran {count} times, {deaths} deaths; {s}"
         ran = {c: self.accepted[c].kind for c in self.seen}
-        for kind, count in (("ok", s.processed), ("fail", s.failed)):
+        late = sum(copy.kind == "late" for copy in self.accepted.values())
+        assert s.timed_out <= late, s
+        for kind, count in (("ok", s.processed), ("fail", s.failed - s.timed_out)):
             sure = sum(k == kind for c, k in ran.items() if c not in cancelled)
             assert sure <= count <= sum(k == kind for k in ran.values()), s
         poisoned = any(copy.kind == "die" for copy in self.accepted.values())
         if self.kills == 0 and not poisoned:
             assert s.respawns == 0, s
             assert s.redelivered == 0, s
+        if self.kills == 0 and not poisoned and not late and not self.cancelled:
+            # (Copies that end without a result would hide whom they were dealt to.)
             assert max(self.shared_per_worker) - min(self.shared_per_worker) <= 1, (
                 f"unfair dealing: {self.shared_per_worker}"
             )
