@@ -112,16 +112,19 @@ class PoolMachine(RuleBasedStateMachine):
         """Run one step on this example's loop; fail clearly if it does not finish in time."""
 
         async def guarded() -> T:
-            try:
-                async with asyncio.timeout(STEP_DEADLINE):
-                    return await awaitable
-            except TimeoutError:
-                pool = self.pool
-                state = f"{pool!r}, {pool.stats()}" if pool is not None else "no pool"
-                raise AssertionError(
-                    f"{what} did not finish within {STEP_DEADLINE}s "
-                    f"({self.kills} kills so far): {state}"
-                ) from None
+            task = asyncio.ensure_future(awaitable)
+            done, _ = await asyncio.wait({task}, timeout=STEP_DEADLINE)
+            if done:
+                return task.result()
+            # The pool's state as the step hangs (cancelling the step changes it).
+            pool = self.pool
+            state = f"{pool!r}, {pool.stats()}" if pool is not None else "no pool"
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise AssertionError(
+                f"{what} did not finish within {STEP_DEADLINE}s "
+                f"({self.kills} kills so far): {state}"
+            )
 
         return self.runner.run(guarded())
 

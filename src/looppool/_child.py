@@ -46,6 +46,8 @@ from ._runner import Heartbeat, MessageRunner
 from ._worker import Worker
 
 EXIT_ORPHANED: Final = 70  # the parent died; the worker ended itself
+# Barrier mode: the channel items a shared message's ``needs`` counts.
+_COUNTED: Final = frozenset({P.OP_MSG, P.OP_SKIP})
 
 
 @dataclass(frozen=True)
@@ -463,7 +465,7 @@ class _Runtime:
             return
         for items in frames:
             if self.cfg.shared_queue is not None:
-                self.channel_received += sum(item[0] == P.OP_MSG for item in items)
+                self.channel_received += sum(item[0] in _COUNTED for item in items)
             self._on_items(items)
             if self.waiting_shared:
                 self._start_waiting_shared()
@@ -565,6 +567,8 @@ class _Runtime:
                     runner.start(item[1], item[2], item[3], item[4] if len(item) > 4 else None)
             elif op == P.OP_CANCEL:
                 runner.cancel(item[1])
+            elif op == P.OP_SKIP:
+                pass  # counted in channel_received; nothing to run
             elif not self.stop_requested.done():
                 self.stop_requested.set_result(bool(item[1]))
                 # Barrier mode: a shared message still waiting for channel

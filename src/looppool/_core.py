@@ -1130,6 +1130,9 @@ class PoolCore(abc.ABC, Generic[S]):
     def _rescue(self, slot: S, lost: WorkerLost) -> None:
         """Decide the fate of the messages a dead worker held or had queued."""
         self._settle_lost(self._ledger.worker_died(slot, self._accepting_respawns), lost)
+        # (Messages may have ended there that are not among the lost: those
+        # whose submit was cancelled. Who waits for them must hear of it.)
+        self._after_end()
         if self._ledger.dirty:
             self._schedule_pump()
 

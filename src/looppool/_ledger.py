@@ -282,7 +282,8 @@ class Ledger:
                     continue
                 batch = [queue.popleft() for _ in range(room)]
             for msg in batch:
-                held[msg.id] = msg
+                if not msg.cancelled:  # (a queued one cancelled is a placeholder: see withdraw)
+                    held[msg.id] = msg
             slot.delivered += len(batch)
             yield slot, batch
 
@@ -362,7 +363,7 @@ class Ledger:
         """End as lost every message not sent to a worker yet; return them."""
         lost: list[Msg] = []
         for slot in self.slots:
-            lost.extend(slot.queue)
+            lost.extend(_live(slot.queue))
             slot.queue.clear()
             lost.extend(self._take_suspects(slot))
         for msg in lost:
@@ -374,7 +375,7 @@ class Ledger:
         lost: list[Msg] = []
         for slot in self.slots:
             lost.extend(self.release_held(slot))
-            lost.extend(slot.queue)
+            lost.extend(_live(slot.queue))
             lost.extend(self._take_suspects(slot))
             slot.queue.clear()
             slot.isolating = False
@@ -384,7 +385,7 @@ class Ledger:
 
     def lose_waiting(self, slot: Slot) -> list[Msg]:
         """End as lost what waits for ``slot``'s next worker (none will start); return it."""
-        lost = [*slot.queue, *self._take_suspects(slot)]
+        lost = [*_live(slot.queue), *self._take_suspects(slot)]
         slot.queue.clear()
         for msg in lost:
             self.end(msg, Outcome.LOST)
@@ -420,7 +421,7 @@ class Ledger:
         else:
             lost += held
         if not redeliver:
-            lost += slot.queue
+            lost += _live(slot.queue)
             slot.queue.clear()
             lost += self._take_suspects(slot)
         for msg in lost:
@@ -505,7 +506,14 @@ class Ledger:
                 msg.cancelled = True
                 return slot
             if msg in slot.queue:
-                slot.queue.remove(msg)
+                if self.shared is None:
+                    slot.queue.remove(msg)
+                else:
+                    # Barrier mode: shared messages written already count on
+                    # this worker reading it from its channel (see _barrier's
+                    # needs): it stays queued, and goes as a placeholder that
+                    # runs nothing.
+                    msg.cancelled = True
                 self.end(msg, Outcome.CANCELLED)
                 return None
             for group in slot.suspects:
@@ -527,6 +535,11 @@ class Ledger:
     def isolating(self) -> bool:
         """Whether any suspect group waits or runs."""
         return any(s.suspects or s.isolating for s in self.slots)
+
+
+def _live(queue: deque[Msg]) -> list[Msg]:
+    """The messages of a queue that are still pending (not barrier mode's placeholders)."""
+    return [msg for msg in queue if not msg.cancelled]
 
 
 class SharedPlace:

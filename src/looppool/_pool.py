@@ -33,7 +33,7 @@ import os
 import pickle
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Literal
+from typing import Any, Literal
 
 from . import _protocol as P
 from ._barrier import BarrierDistribution
@@ -310,8 +310,8 @@ class Pool(PoolCore[_ProcSlot]):
         frame = P.encode(
             [
                 (P.OP_MSG, msg.id, msg.reply is not None, msg.payload)
-                if msg.timeout is None
-                else (P.OP_MSG, msg.id, msg.reply is not None, msg.payload, msg.timeout)
+                if msg.timeout is None and not msg.cancelled
+                else self._item(msg)
                 for msg in batch
             ]
         )
@@ -324,6 +324,13 @@ class Pool(PoolCore[_ProcSlot]):
 
     def _send_stop(self, slot: _ProcSlot, cancel: bool) -> None:
         self._write(slot, P.encode([(P.OP_STOP, cancel)]))
+
+    @staticmethod
+    def _item(msg: Msg) -> tuple[Any, ...]:
+        """A message's OP_MSG item when it has a deadline, or its OP_SKIP placeholder."""
+        if msg.cancelled:
+            return (P.OP_SKIP, msg.id)
+        return (P.OP_MSG, msg.id, msg.reply is not None, msg.payload, msg.timeout)
 
     def _send_cancel(self, slot: _ProcSlot, mid: int) -> None:
         self._write(slot, P.encode([(P.OP_CANCEL, mid)]))

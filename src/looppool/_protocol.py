@@ -29,6 +29,7 @@ PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
 OP_MSG: Final = 1  # (OP_MSG, id, want_reply, payload[, timeout]): timeout in seconds, if any
 OP_STOP: Final = 2  # (OP_STOP, cancel)
 OP_CANCEL: Final = 3  # (OP_CANCEL, id): cancel that message if it runs (its submit was cancelled)
+OP_SKIP: Final = 4  # (OP_SKIP, id): barrier mode, a withdrawn message's place on the channel
 
 # worker -> parent
 EV_READY: Final = 10  # (EV_READY, pid)
