@@ -794,3 +794,35 @@ def test_bench_ray_rows_run_in_a_tiny_configuration(
     assert "the Ray instance this process was already connected to" in out
     assert "looppool-ray ÷ ray-call" in out
     assert ray.is_initialized()  # the bench leaves a connection it did not make alone
+
+
+# -- OpenTelemetry (issue 14) ----------------------------------------------
+
+
+async def test_a_span_in_the_driver_is_the_parent_of_the_actors_spans(tmp_path: Path) -> None:
+    """The trace context crosses to the actors: their process_message spans are its children."""
+    pytest.importorskip("opentelemetry.sdk", reason="the OpenTelemetry SDK is not installed")
+    from opentelemetry.sdk.trace import TracerProvider
+
+    import tracing_workers as tw
+
+    # The driver's own tracer, not the global one: only the current span matters here.
+    tracer = TracerProvider().get_tracer("tests")
+    async with RayPool(functools.partial(tw.Traced, str(tmp_path)), 2, name="traced") as pool:
+        with tracer.start_as_current_span("driver") as driver:
+            replies = await asyncio.gather(*(pool.submit(i) for i in range(4)))
+            await pool.broadcast("b")
+            await pool.drain()
+    context = driver.get_span_context()
+    spans = tw.read_spans(tmp_path)
+    consumers = [s for s in spans if s["attributes"].get("messaging.system") == "looppool"]
+    assert len(consumers) == 6
+    assert {s["pid"] for s in consumers} == set(replies)  # the actors' processes
+    for span in consumers:
+        assert span["name"] == "Traced process_message"
+        assert span["kind"] == "SpanKind.CONSUMER"
+        assert span["context"]["trace_id"] == f"0x{context.trace_id:032x}"
+        assert span["parent_id"] == f"0x{context.span_id:016x}"
+        assert span["attributes"]["messaging.destination.name"] == "traced"
+        assert span["attributes"]["looppool.delivery_count"] == 1
+    assert sorted(s["attributes"]["looppool.worker"] for s in consumers) == [0, 0, 0, 1, 1, 1]

@@ -242,7 +242,9 @@ class _Runtime:
         # Only barrier mode counts slots of the shared listener; rounds mode
         # skips the call for every message.
         release = self._release_slot if cfg.shared_queue is not None else None
-        self.runner = MessageRunner(cfg.factory, cfg.number, outbox.add, release)
+        self.runner = MessageRunner(
+            cfg.factory, cfg.number, outbox.add, release, pool_name=cfg.pool_name
+        )
         self.loop: asyncio.AbstractEventLoop
         self.stop_requested: asyncio.Future[bool]
         # Barrier mode: the listener takes a message only when a slot is free.
@@ -356,7 +358,7 @@ class _Runtime:
             except threading.BrokenBarrierError:
                 return
 
-    def _on_shared(self, item: tuple[int, bool, bytes]) -> None:
+    def _on_shared(self, item: tuple[int, bool, bytes, Any]) -> None:
         # Only messages from the shared queue took a slot of the semaphore:
         # directed ones, sent by the parent within its own window, did not.
         self.shared_ids.add(item[0])
@@ -377,6 +379,6 @@ class _Runtime:
                     # counts it lost.
                     runner.refuse(item[1])
                 else:
-                    runner.start(item[1], item[2], item[3])
+                    runner.start(item[1], item[2], item[3], item[4])  # [4]: the trace
             elif not self.stop_requested.done():
                 self.stop_requested.set_result(bool(item[1]))

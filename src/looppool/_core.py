@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any, Final, Generic, Self, TypeVar
 
 from . import _protocol as P
+from . import _tracing
 from ._errors import (
     LooppoolError,
     PoolBroken,
@@ -100,7 +101,7 @@ class SlotState(enum.Enum):
 class Msg:
     """One accepted message, until it is processed, failed or lost."""
 
-    __slots__ = ("epoch", "future", "id", "payload", "strikes", "target")
+    __slots__ = ("delivery", "epoch", "future", "id", "payload", "strikes", "target", "trace")
 
     def __init__(
         self,
@@ -117,6 +118,12 @@ class Msg:
         self.epoch = epoch
         # Deaths of a worker in which this message was the only one it held.
         self.strikes = 0
+        # Tracing (issue 14): the caller's trace context, carried to the
+        # worker with the message (None: no span was current), and which
+        # delivery of the message this is: 1, then one more each time a
+        # worker holding it died and it is sent again (stats().redelivered).
+        self.trace: _tracing.Carrier | None = None
+        self.delivery = 1
 
 
 class Slot:
@@ -560,6 +567,7 @@ class PoolCore(Generic[S]):
         self, payload: bytes, target: int | None, future: asyncio.Future[Any] | None
     ) -> None:
         msg = Msg(next(self._ids), payload, target, future, self._epoch)
+        msg.trace = _tracing.capture()  # Tracing (issue 14): None unless a span is current
         counts = self._epoch_counts
         counts[msg.epoch] = counts.get(msg.epoch, 0) + 1
         self._pending += 1
@@ -958,6 +966,8 @@ class PoolCore(Generic[S]):
             half = len(held) // 2
             groups = [held[:half], held[half:]]
         self._n_redelivered += len(held)
+        for msg in held:
+            msg.delivery += 1  # Tracing (issue 14): the span shows the redelivery
         # Ahead of older suspects of this number: bisecting one death's
         # suspects to the end finds a culprit in the fewest deaths.
         slot.suspects.extendleft(reversed(groups))

@@ -87,15 +87,15 @@ class SharedReader:
     conn: Connection
     lock: Any  # multiprocessing.Lock
 
-    def get(self) -> tuple[int, bool, bytes]:
-        """Block until a message is there; return ``(id, want_reply, payload)``."""
+    def get(self) -> tuple[int, bool, bytes, Any]:
+        """Block until a message is there; return ``(id, want_reply, payload, trace)``."""
         fd = self.conn.fileno()
         with self.lock:
             # Exact reads, never buffered: bytes read ahead would belong to
             # the next reader's message.
             (length,) = P.HEADER.unpack(P.read_exactly(fd, P.HEADER.size))
             body = P.read_exactly(fd, length)
-        item: tuple[int, bool, bytes] = pickle.loads(body)
+        item: tuple[int, bool, bytes, Any] = pickle.loads(body)
         return item
 
 
@@ -111,9 +111,9 @@ class SharedQueue:
         self._writer_conn: Connection = writer
         self._writer = PipeWriter(loop, writer.fileno())
 
-    def put(self, mid: int, want_reply: bool, payload: bytes) -> None:
-        """Queue one message (already pickled by the caller)."""
-        self._writer.write(P.encode((mid, want_reply, payload)))
+    def put(self, mid: int, want_reply: bool, payload: bytes, trace: Any = None) -> None:
+        """Queue one message (already pickled by the caller), with its trace (see OP_MSG)."""
+        self._writer.write(P.encode((mid, want_reply, payload, trace)))
 
     def close(self) -> None:
         """End this queue: what was not written is dropped; both parent ends are closed."""

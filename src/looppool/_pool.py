@@ -36,6 +36,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 from . import _protocol as P
+from . import _tracing
 from ._child import ChildConfig, worker_main
 from ._core import (
     DEFAULT_CONCURRENCY,
@@ -279,7 +280,20 @@ class Pool(PoolCore[_ProcSlot]):
         )
 
     def _send(self, slot: _ProcSlot, batch: list[Msg]) -> None:
-        frame = P.encode([(P.OP_MSG, msg.id, msg.future is not None, msg.payload) for msg in batch])
+        # Tracing (issue 14): the last field is _tracing.wire(msg), inlined
+        # here because this runs for every message: None, or (carrier, delivery).
+        frame = P.encode(
+            [
+                (
+                    P.OP_MSG,
+                    msg.id,
+                    msg.future is not None,
+                    msg.payload,
+                    None if msg.trace is None else (msg.trace, msg.delivery),
+                )
+                for msg in batch
+            ]
+        )
         if not self._write(slot, frame):
             # The worker died before we noticed: these never reached it, so
             # its death must not be charged to them.
@@ -386,7 +400,8 @@ class Pool(PoolCore[_ProcSlot]):
         # isolated worker would take it and join the group. The backlog is
         # written when that ends.
         if not self._regenerating and not self._isolating():
-            self._shared_queue.put(msg.id, msg.future is not None, msg.payload)
+            # Tracing (issue 14): the trace context, if any, and the delivery count.
+            self._shared_queue.put(msg.id, msg.future is not None, msg.payload, _tracing.wire(msg))
         return True
 
     def _isolating(self) -> bool:
@@ -399,7 +414,8 @@ class Pool(PoolCore[_ProcSlot]):
     def _write_shared_backlog(self) -> None:
         assert self._shared_queue is not None
         for msg in sorted(self._shared_out.values(), key=lambda m: m.id):
-            self._shared_queue.put(msg.id, msg.future is not None, msg.payload)
+            # Tracing (issue 14): the trace context, if any, and the delivery count.
+            self._shared_queue.put(msg.id, msg.future is not None, msg.payload, _tracing.wire(msg))
 
     def _on_taken(self, slot: _ProcSlot, mid: int) -> None:
         msg = self._shared_out.pop(mid, None)

@@ -26,7 +26,10 @@ HEADER: Final = struct.Struct("!I")
 PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
 
 # parent -> worker
-OP_MSG: Final = 1  # (OP_MSG, id, want_reply, payload)
+# trace: None, or (carrier, delivery) when the caller had an OpenTelemetry span
+# current: its W3C trace context as a dict, and which delivery of the message
+# this is (1, then 2... after a worker holding it died). See _tracing.
+OP_MSG: Final = 1  # (OP_MSG, id, want_reply, payload, trace)
 OP_STOP: Final = 2  # (OP_STOP, cancel)
 
 # worker -> parent

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from . import _protocol as P
+from . import _tracing
 from ._worker import Worker
 
 CANCEL_GRACE: Final = 1.0  # seconds a cancelled Worker's tasks get to run their finally blocks
@@ -46,7 +47,9 @@ class MessageRunner:
     """Builds one worker and runs its messages on the running loop.
 
     ``emit`` receives the events; ``on_done(mid)`` is called as each message
-    finishes (barrier mode frees a slot of its listener there).
+    finishes (barrier mode frees a slot of its listener there). A message
+    that carries a trace context runs in a span (``_tracing``) tagged with
+    ``pool_name`` and the worker number.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class MessageRunner:
         dumps: Callable[[Any], Any] = pickle_dumps,
         loads: Callable[[Any], Any] = pickle.loads,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
+        pool_name: str = "",
     ) -> None:
         self.factory = factory
         self.number = number
@@ -68,6 +72,7 @@ class MessageRunner:
         self.dumps = dumps
         self.loads = loads
         self.log = log
+        self.pool_name = pool_name
         self.tasks: set[asyncio.Task[None]] = set()
         self.start_exit: SystemExit | None = None  # sys.exit() in initialise()
         self.in_flight = 0
@@ -75,6 +80,9 @@ class MessageRunner:
         self.failed = 0
         self.worker: Worker | None = None
         self._process: Callable[[Any], Any] = _not_started
+        # The spans of traced messages in flight, by message id; empty (and
+        # only checked for emptiness) while no message carries a trace.
+        self._spans: dict[int, Any] = {}
 
     async def initialise(self) -> Worker | None:
         """Build the worker and run its ``initialise()``; emit EV_START_FAILED on failure."""
@@ -105,6 +113,10 @@ class MessageRunner:
             await maybe_await(self.worker.finalise())
         except Exception:
             self.log.exception("finalise() raised")  # the parent tags it with the worker number
+        # A forked worker ends with os._exit, which skips the tracing SDK's
+        # atexit flush: the spans it buffers (ours, the handler's) would be
+        # lost. Nothing happens unless the process uses OpenTelemetry.
+        await _tracing.flush()
 
     def counters(self) -> dict[str, float]:
         """The message counts, for the resource reporter."""
@@ -119,8 +131,17 @@ class MessageRunner:
         # process_message and fails that message, not a whole frame.
         self.emit((P.EV_RESULT, self.dumps(value)))
 
-    def start(self, mid: int, want_reply: bool, payload: bytes) -> None:
-        """Start one message: inline if the handler is plain, as a task if it awaits."""
+    def start(
+        self, mid: int, want_reply: bool, payload: bytes, trace: _tracing.Trace | None = None
+    ) -> None:
+        """Start one message: inline if the handler is plain, as a task if it awaits.
+
+        ``trace`` (the last field of OP_MSG) is the caller's trace context:
+        the message then runs in a span of its own.
+        """
+        if trace is not None:
+            self._start_traced(mid, want_reply, payload, trace)
+            return
         self.in_flight += 1
         try:
             result = self._process(self.loads(payload))
@@ -133,6 +154,25 @@ class MessageRunner:
             task.add_done_callback(self.tasks.discard)
         else:
             self._succeeded(mid, want_reply, result)
+
+    def _start_traced(
+        self, mid: int, want_reply: bool, payload: bytes, trace: _tracing.Trace
+    ) -> None:
+        begun = _tracing.begin(
+            trace, worker=self.worker, pool_name=self.pool_name, number=self.number, mid=mid
+        )
+        if begun is None:  # OpenTelemetry is not importable here: run it untraced
+            self.start(mid, want_reply, payload)
+            return
+        span, token = begun
+        self._spans[mid] = span
+        try:
+            # The span is current while process_message starts: its own spans
+            # nest under it, and the task made for an async handler copies
+            # this context. A plain handler's span ends inside this call.
+            self.start(mid, want_reply, payload)
+        finally:
+            _tracing.detach(token)
 
     def refuse(self, mid: int) -> None:
         """Report a message that arrived after the stop began: it was not started."""
@@ -158,6 +198,10 @@ class MessageRunner:
 
     def _done(self, mid: int, status: int, payload: Any) -> None:
         self.in_flight -= 1
+        if self._spans:
+            span = self._spans.pop(mid, None)
+            if span is not None:
+                _tracing.end(span, status)
         self.emit((P.EV_DONE, mid, status, payload))
         if self.on_done is not None:
             self.on_done(mid)
@@ -180,6 +224,8 @@ class MessageRunner:
 
     def _failed(self, mid: int, want_reply: bool, exc: BaseException) -> None:
         self.failed += 1
+        if self._spans:
+            _tracing.failed(self._spans.get(mid), exc)
         if not want_reply:
             # Nobody awaits this message: the parent's log is where it shows
             # (tagged there with the worker number).

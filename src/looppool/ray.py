@@ -74,6 +74,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import _protocol as P
+from . import _tracing
 from ._child import _ForwardHandler
 from ._core import (
     DEFAULT_CONCURRENCY,
@@ -129,7 +130,7 @@ class LooppoolActor:
         log_level: int,
         monitor: dict[str, Any] | None = None,
     ) -> None:
-        self._runner = MessageRunner(factory, number, self.add)
+        self._runner = MessageRunner(factory, number, self.add, pool_name=pool_name)
         self._number = number
         self._pool_name = pool_name
         self._log_level = log_level
@@ -287,11 +288,12 @@ class LooppoolActor:
 
     def _run_frame(self, frame: bytes) -> None:
         runner = self._runner
-        for mid, want_reply, payload in pickle.loads(frame):
+        # Tracing (issue 14): each item ends with its trace (see _protocol.OP_MSG).
+        for mid, want_reply, payload, trace in pickle.loads(frame):
             if self._cancel:
                 runner.refuse(mid)
             else:
-                runner.start(mid, want_reply, payload)
+                runner.start(mid, want_reply, payload, trace)
 
 
 # -- the parent side ------------------------------------------------------------
@@ -505,7 +507,8 @@ class RayPool(PoolCore[_ActorSlot]):
         self._on_worker_end(slot, f"its actor died: {_describe_ray_error(error)}", lost)
 
     def _send(self, slot: _ActorSlot, batch: list[Msg]) -> None:
-        items = [(msg.id, msg.future is not None, msg.payload) for msg in batch]
+        # Tracing (issue 14): the trace context, if any, and the delivery count.
+        items = [(msg.id, msg.future is not None, msg.payload, _tracing.wire(msg)) for msg in batch]
         # Fire and forget: if the actor dies, its listener learns it and
         # rescues what it held; the call's own error adds nothing.
         slot.actor.deliver.remote(slot.sent, pickle.dumps(items, P.PROTOCOL))

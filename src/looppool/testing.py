@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from . import _protocol as P
+from . import _tracing
 from ._core import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_PENDING,
@@ -207,6 +208,7 @@ class InlinePool(PoolCore[_InlineSlot]):
             slot.number,
             functools.partial(self._emit, slot),
             log=_TaggedLog(worker_logger, {"worker": slot.number}),
+            pool_name=self.name,
             **codec,
         )
         slot.task = self._loop.create_task(
@@ -259,7 +261,8 @@ class InlinePool(PoolCore[_InlineSlot]):
             if slot.stop_requested.done():
                 runner.refuse(msg.id)
             else:
-                runner.start(msg.id, msg.future is not None, msg.payload)
+                # Tracing (issue 14): the trace context, if any, and the delivery count.
+                runner.start(msg.id, msg.future is not None, msg.payload, _tracing.wire(msg))
 
     def _send_stop(self, slot: _InlineSlot, cancel: bool) -> None:
         if slot.stop_requested is not None and not slot.stop_requested.done():
