@@ -796,7 +796,7 @@ def test_bench_ray_rows_run_in_a_tiny_configuration(
     assert ray.is_initialized()  # the bench leaves a connection it did not make alone
 
 
-# -- OpenTelemetry (issue 14) ----------------------------------------------
+# -- OpenTelemetry and Prometheus (issue 14) ----------------------------------------------
 
 
 async def test_a_span_in_the_driver_is_the_parent_of_the_actors_spans(tmp_path: Path) -> None:
@@ -826,3 +826,23 @@ async def test_a_span_in_the_driver_is_the_parent_of_the_actors_spans(tmp_path: 
         assert span["attributes"]["messaging.destination.name"] == "traced"
         assert span["attributes"]["looppool.delivery_count"] == 1
     assert sorted(s["attributes"]["looppool.worker"] for s in consumers) == [0, 0, 0, 1, 1, 1]
+
+
+async def test_actors_forward_their_gauges_to_the_collector() -> None:
+    """worker_metrics=True: each actor's gauges reach the driver and its Prometheus scrape."""
+    pytest.importorskip("prometheus_client", reason="prometheus_client is not installed")
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from looppool.metrics import PrometheusCollector
+
+    async with RayPool(w.Echo, 2, name="gauged", worker_metrics=True) as pool:
+        await pool.submit(1)
+        metrics = pool.worker_metrics()
+        registry = CollectorRegistry()
+        registry.register(PrometheusCollector(pool))
+        text = generate_latest(registry).decode()
+    assert sorted(metrics) == [0, 1]
+    assert all(m["rss"] > 0 for m in metrics.values())
+    assert 'looppool_messages_processed_total{pool="gauged"} 1.0' in text
+    for number in (0, 1):
+        assert f'looppool_worker_rss_bytes{{pool="gauged",worker="{number}"}}' in text

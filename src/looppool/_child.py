@@ -286,6 +286,7 @@ class _Runtime:
             pool_name=self.cfg.pool_name,
             counters=self.runner.counters,
             on_blocked=self._on_blocked,
+            on_metrics=self._on_metrics,
             **options,
         )
         monitor.start()
@@ -293,6 +294,9 @@ class _Runtime:
 
     def _on_blocked(self) -> None:
         self.out.add((P.EV_BLOCKED,))  # thread-safe: called from the watchdog thread
+
+    def _on_metrics(self, gauges: dict[str, float]) -> None:
+        self.out.add((P.EV_METRICS, gauges))
 
     # -- receiving ---------------------------------------------------------
 

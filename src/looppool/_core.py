@@ -21,9 +21,9 @@ import itertools
 import logging
 import pickle
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Final, Generic, Self, TypeVar
 
 from . import _protocol as P
@@ -148,6 +148,9 @@ class Slot:
         self.said_bye = False
         self.killed = False
         self.failures = 0
+        # Worker metrics (issue 14): the last EV_METRICS gauges of the worker
+        # serving this slot; None until it reports, and again once it ends.
+        self.metrics: Mapping[str, float] | None = None
 
     @property
     def alive(self) -> bool:
@@ -263,6 +266,22 @@ class PoolCore(Generic[S]):
             blocked=self._n_blocked,
             in_flight=tuple(len(s.held) for s in self._slots),
         )
+
+    def worker_metrics(self) -> dict[int, Mapping[str, float]]:
+        """The latest resource gauges of each worker, by worker number (read-only).
+
+        Filled when the pool forwards them (``worker_metrics=True``): every
+        ``metrics_interval`` seconds, and once before the worker is ready,
+        each worker sends what :class:`~looppool.metrics.ResourceReporter`
+        measures — ``cpu`` (share of a core over the last interval; absent
+        from the first report), ``rss`` and ``maxrss`` (bytes), ``loop.lag``
+        (milliseconds), ``loop.tasks`` (and ``loop.ready``, ``loop.timers``
+        on asyncio's loop) — plus ``start_time``, when it started (after its
+        ``initialise()``; seconds since the Unix epoch). A worker that died
+        is left out until its replacement reports. Empty when the pool
+        forwards no worker metrics.
+        """
+        return {s.number: MappingProxyType(dict(s.metrics)) for s in self._slots if s.metrics}
 
     # -- life cycle -------------------------------------------------------------
 
@@ -687,6 +706,8 @@ class PoolCore(Generic[S]):
                 slot.start_error = (item[1], item[2])
             elif op == P.EV_BLOCKED:
                 self._n_blocked += 1
+            elif op == P.EV_METRICS:
+                slot.metrics = item[1]  # Worker metrics (issue 14)
             elif op == P.EV_BYE:
                 slot.said_bye = True
 
@@ -861,6 +882,7 @@ class PoolCore(Generic[S]):
         """
         previous = slot.state
         slot.state = SlotState.DEAD
+        slot.metrics = None  # Worker metrics (issue 14): a dead worker's gauges are stale
         if slot.exited is not None and not slot.exited.done():
             slot.exited.set_result(lost.exitcode)
         if previous is SlotState.STARTING:

@@ -108,6 +108,9 @@ class Pool(PoolCore[_ProcSlot]):
       ``multiprocessing.Barrier``).
     * ``statsd``, ``statsd_prefix``, ``metrics_interval``,
       ``blocking_threshold`` — monitoring, see :mod:`looppool.metrics`.
+    * ``worker_metrics`` — every ``metrics_interval`` seconds, each worker
+      sends its resource gauges to the parent: :meth:`worker_metrics`,
+      :class:`looppool.metrics.PrometheusCollector`.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class Pool(PoolCore[_ProcSlot]):
         statsd_prefix: str | None = None,
         metrics_interval: float = 10.0,
         blocking_threshold: float | None = None,
+        worker_metrics: bool = False,
     ) -> None:
         super().__init__(
             worker,
@@ -159,7 +163,9 @@ class Pool(PoolCore[_ProcSlot]):
                     f"the worker factory {worker!r} cannot be pickled, which the "
                     f"{self._start_method!r} start method needs: {exc}"
                 ) from exc
-        self._monitor = monitor_options(statsd, statsd_prefix, metrics_interval, blocking_threshold)
+        self._monitor = monitor_options(
+            statsd, statsd_prefix, metrics_interval, blocking_threshold, worker_metrics
+        )
 
         self._loop_kind = ("uvloop" if has_uvloop else "asyncio") if loop == "auto" else loop
         self._distribution = distribution

@@ -41,6 +41,9 @@ EV_LOG: Final = 14  # (EV_LOG, record dict)
 EV_TAKEN: Final = 15  # (EV_TAKEN, id): barrier mode, taken from the shared queue
 EV_BLOCKED: Final = 16  # (EV_BLOCKED,): a blocked-loop episode began
 EV_BYE: Final = 17  # (EV_BYE,): clean exit follows
+# Pool(worker_metrics=True): the worker's resource gauges, every metrics_interval
+# (and once before EV_READY), as a {name: value} dict (see _monitor.MetricsForwarder).
+EV_METRICS: Final = 18  # (EV_METRICS, gauges)
 
 # EV_DONE statuses
 DONE_OK: Final = 0  # payload: pickled reply, or None when no reply was asked for

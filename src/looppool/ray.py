@@ -278,6 +278,7 @@ class LooppoolActor:
             pool_name=self._pool_name,
             counters=self._runner.counters,
             on_blocked=self._on_blocked,
+            on_metrics=self._on_metrics,
             **self._monitor_options,
         )
         monitor.start()  # never raises: a bad address is logged, and the actor runs on
@@ -285,6 +286,9 @@ class LooppoolActor:
 
     def _on_blocked(self) -> None:
         self.add((P.EV_BLOCKED,))  # from the detector's watchdog thread: add() is thread-safe
+
+    def _on_metrics(self, gauges: dict[str, float]) -> None:
+        self.add((P.EV_METRICS, gauges))
 
     def _run_frame(self, frame: bytes) -> None:
         runner = self._runner
@@ -342,11 +346,13 @@ class RayPool(PoolCore[_ActorSlot]):
       instead of :meth:`results`.
     * ``name`` — shown in logs and metric names.
     * ``statsd``, ``statsd_prefix``, ``metrics_interval``,
-      ``blocking_threshold`` — monitoring, as in :class:`looppool.Pool` (see
-      :mod:`looppool.metrics`): each actor sends its gauges from its own node
-      (``"host:port"`` is resolved there; a client instance travels to the
-      actors with cloudpickle), and a blocked actor loop logs a warning that
-      reaches the parent's logging.
+      ``blocking_threshold``, ``worker_metrics`` — monitoring, as in
+      :class:`looppool.Pool` (see :mod:`looppool.metrics`): each actor sends
+      its gauges from its own node (``"host:port"`` is resolved there; a
+      client instance travels to the actors with cloudpickle), a blocked
+      actor loop logs a warning that reaches the parent's logging, and
+      ``worker_metrics=True`` forwards each actor's gauges to the driver
+      (:meth:`worker_metrics`, :class:`looppool.metrics.PrometheusCollector`).
     * ``**ray_actor_options`` — passed to ``.options()`` of every actor:
       ``num_cpus`` (default 1: an actor per core), ``resources``,
       ``scheduling_strategy`` (``"SPREAD"`` spreads the actors over nodes),
@@ -370,6 +376,7 @@ class RayPool(PoolCore[_ActorSlot]):
         statsd_prefix: str | None = None,
         metrics_interval: float = 10.0,
         blocking_threshold: float | None = None,
+        worker_metrics: bool = False,
         **ray_actor_options: Any,
     ) -> None:
         super().__init__(
@@ -394,7 +401,9 @@ class RayPool(PoolCore[_ActorSlot]):
             raise TypeError(
                 f"the worker factory {worker!r} cannot be pickled, which Ray needs: {exc}"
             ) from exc
-        self._monitor = monitor_options(statsd, statsd_prefix, metrics_interval, blocking_threshold)
+        self._monitor = monitor_options(
+            statsd, statsd_prefix, metrics_interval, blocking_threshold, worker_metrics
+        )
         if self._monitor is not None:
             try:
                 ray.cloudpickle.dumps(statsd)  # type: ignore[no-untyped-call, unused-ignore]
