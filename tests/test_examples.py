@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -117,3 +118,62 @@ def test_functions() -> None:
     assert "map of an async function over an async source: 2 workers served it" in out
     assert "starmap: ['" in out
     assert "run raised ValueError(an empty password); worker traceback attached: True" in out
+
+
+@needs("aiohttp")
+@needs("prometheus_client")
+def test_metrics_app() -> None:
+    """/metrics after 8 hashes and a killed worker: exact counts, and both workers' gauges."""
+    out = run_example("metrics_app.py", "--smoke").stdout
+    assert "killed worker 1 (pid " in out
+    for line in (
+        'looppool_messages_put_total{pool="hash"} 9.0',  # 8 hashes and 1 "pid"
+        'looppool_messages_processed_total{pool="hash"} 9.0',
+        'looppool_messages_failed_total{pool="hash"} 0.0',
+        'looppool_messages_lost_total{pool="hash"} 0.0',
+        'looppool_messages_redelivered_total{pool="hash"} 0.0',
+        'looppool_worker_respawns_total{pool="hash"} 1.0',
+        'looppool_messages_pending{pool="hash"} 0.0',
+        'looppool_workers{pool="hash"} 2.0',
+        'looppool_messages_in_flight{pool="hash",worker="1"} 0.0',
+    ):
+        assert f"  {line}\n" in out
+    gauges = {
+        line.split()[0]: float(line.split()[1])
+        for line in out.splitlines()
+        if line.startswith("  looppool_worker_")
+    }
+    for worker in ("0", "1"):
+        assert gauges[f'looppool_worker_rss_bytes{{pool="hash",worker="{worker}"}}'] > 0
+    # Worker 1 is the replacement: it started after worker 0.
+    started = 'looppool_worker_start_time_seconds{pool="hash",worker="%s"}'
+    assert gauges[started % "1"] > gauges[started % "0"]
+
+
+@needs("aiohttp")
+@needs("opentelemetry.sdk")
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_traced_crawler(start_method: str, tmp_path: Path) -> None:
+    """Every worker span is a child of the parent's crawl span, from another process."""
+    out = run_example(
+        "traced_crawler.py", "--start-method", start_method, "--spans", str(tmp_path)
+    ).stdout
+    assert "crawled 7 pages with 2 worker processes" in out
+    spans = [
+        json.loads(line)
+        for path in tmp_path.glob("spans-*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    [crawl] = [s for s in spans if s["name"] == "crawl"]
+    workers = [s for s in spans if s["name"] == "Crawler process_message"]
+    assert len(workers) == 7
+    assert {s["attributes"]["looppool.worker"] for s in workers} == {0, 1}
+    assert len({s["pid"] for s in workers}) == 2
+    for span in workers:
+        assert span["kind"] == "CONSUMER"
+        assert span["trace_id"] == crawl["trace_id"]
+        assert span["parent_id"] == crawl["span_id"]
+        assert span["pid"] != crawl["pid"]
+        nested = sorted(s["name"].split()[0] for s in spans if s["parent_id"] == span["span_id"])
+        assert nested == ["GET", "parse"]
+    assert f"trace {crawl['trace_id']}: 22 spans from 3 processes" in out

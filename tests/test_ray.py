@@ -860,3 +860,55 @@ async def test_map_window_and_early_exit_in_actors(turnstile: fw.Turnstile) -> N
         assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("looppool.")]
         turnstile.open()  # what reached an actor runs there: let it end before the stop
     assert pool.stats().put == 3
+
+
+# -- OpenTelemetry and Prometheus (issue 14) ----------------------------------------------
+
+
+async def test_a_span_in_the_driver_is_the_parent_of_the_actors_spans(tmp_path: Path) -> None:
+    """The trace context crosses to the actors: their process_message spans are its children."""
+    pytest.importorskip("opentelemetry.sdk", reason="the OpenTelemetry SDK is not installed")
+    from opentelemetry.sdk.trace import TracerProvider
+
+    import tracing_workers as tw
+
+    # The driver's own tracer, not the global one: only the current span matters here.
+    tracer = TracerProvider().get_tracer("tests")
+    async with RayPool(functools.partial(tw.Traced, str(tmp_path)), 2, name="traced") as pool:
+        with tracer.start_as_current_span("driver") as driver:
+            replies = await asyncio.gather(*(pool.submit(i) for i in range(4)))
+            await pool.broadcast("b")
+            await pool.drain()
+    context = driver.get_span_context()
+    spans = tw.read_spans(tmp_path)
+    consumers = [s for s in spans if s["attributes"].get("messaging.system") == "looppool"]
+    assert len(consumers) == 6
+    assert {s["pid"] for s in consumers} == set(replies)  # the actors' processes
+    for span in consumers:
+        assert span["name"] == "Traced process_message"
+        assert span["kind"] == "SpanKind.CONSUMER"
+        assert span["context"]["trace_id"] == f"0x{context.trace_id:032x}"
+        assert span["parent_id"] == f"0x{context.span_id:016x}"
+        assert span["attributes"]["messaging.destination.name"] == "traced"
+        assert span["attributes"]["looppool.delivery_count"] == 1
+    assert sorted(s["attributes"]["looppool.worker"] for s in consumers) == [0, 0, 0, 1, 1, 1]
+
+
+async def test_actors_forward_their_gauges_to_the_collector() -> None:
+    """worker_metrics=True: each actor's gauges reach the driver and its Prometheus scrape."""
+    pytest.importorskip("prometheus_client", reason="prometheus_client is not installed")
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from looppool.metrics import PrometheusCollector
+
+    async with RayPool(w.Echo, 2, name="gauged", worker_metrics=True) as pool:
+        await pool.submit(1)
+        metrics = pool.worker_metrics()
+        registry = CollectorRegistry()
+        registry.register(PrometheusCollector(pool))
+        text = generate_latest(registry).decode()
+    assert sorted(metrics) == [0, 1]
+    assert all(m["rss"] > 0 for m in metrics.values())
+    assert 'looppool_messages_processed_total{pool="gauged"} 1.0' in text
+    for number in (0, 1):
+        assert f'looppool_worker_rss_bytes{{pool="gauged",worker="{number}"}}' in text

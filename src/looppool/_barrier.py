@@ -134,7 +134,14 @@ class BarrierDistribution(Distribution):
 
     def _write(self, msg: Msg) -> None:
         assert self._queue is not None
-        self._queue.put(msg.id, msg.reply is not None, msg.payload, self._needs(msg), msg.timeout)
+        self._queue.put(
+            msg.id,
+            msg.reply is not None,
+            msg.payload,
+            self._needs(msg),
+            msg.timeout,
+            None if msg.trace is None else (msg.trace, msg.delivery),
+        )
 
     def _needs(self, msg: Msg) -> tuple[int, ...]:
         """How many channel messages each worker must have read before it starts ``msg``.

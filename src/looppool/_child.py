@@ -41,7 +41,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Final
 
 from . import _protocol as P
-from ._pipes import SharedReader
+from ._pipes import SharedItem, SharedReader
 from ._runner import Heartbeat, MessageRunner
 from ._worker import Worker
 
@@ -356,7 +356,12 @@ class _Runtime:
         # skips the call for every message.
         release = self._release_slot if cfg.shared_queue is not None else None
         self.runner = MessageRunner(
-            cfg.factory, cfg.number, outbox.add, release, wait_room=outbox.wait_room
+            cfg.factory,
+            cfg.number,
+            outbox.add,
+            release,
+            wait_room=outbox.wait_room,
+            pool_name=cfg.pool_name,
         )
         self.loop: asyncio.AbstractEventLoop
         self.stop_requested: asyncio.Future[bool]
@@ -423,6 +428,7 @@ class _Runtime:
             pool_name=self.cfg.pool_name,
             counters=self.runner.counters,
             on_blocked=self._on_blocked,
+            on_metrics=self._on_metrics,
             **options,
         )
         monitor.start()
@@ -430,6 +436,9 @@ class _Runtime:
 
     def _on_blocked(self) -> None:
         self.out.add((P.EV_BLOCKED,))  # thread-safe: called from the watchdog thread
+
+    def _on_metrics(self, gauges: dict[str, float]) -> None:
+        self.out.add((P.EV_METRICS, gauges))
 
     # -- receiving ---------------------------------------------------------
 
@@ -520,7 +529,7 @@ class _Runtime:
             except threading.BrokenBarrierError:
                 return
 
-    def _on_shared(self, item: tuple[int, bool, bytes, tuple[int, ...], float | None]) -> None:
+    def _on_shared(self, item: SharedItem) -> None:
         """Start a message from the shared queue, once what was put before it has arrived.
 
         A message put to this worker (``worker=k``, broadcast) travels on its
@@ -530,15 +539,15 @@ class _Runtime:
         this worker has read as many. (The seed's "put a state to each worker,
         then shared work" pattern relies on that order.)
         """
-        mid, want_reply, payload, needs, timeout = item
+        mid, want_reply, payload, needs, timeout, trace = item
         # Only messages from the shared queue took a slot of the semaphore:
         # directed ones, sent by the parent within its own window, did not.
         self.shared_ids.add(mid)
         need = needs[self.cfg.number]
         if need > self.channel_received:
-            self.waiting_shared.append((need, (P.OP_MSG, mid, want_reply, payload, timeout)))
+            self.waiting_shared.append((need, (P.OP_MSG, mid, want_reply, payload, timeout, trace)))
             return
-        self._on_items([(P.OP_MSG, mid, want_reply, payload, timeout)])
+        self._on_items([(P.OP_MSG, mid, want_reply, payload, timeout, trace)])
 
     def _start_waiting_shared(self) -> None:
         waiting, self.waiting_shared = self.waiting_shared, []
@@ -564,7 +573,7 @@ class _Runtime:
                     # counts it lost.
                     runner.refuse(item[1])
                 else:
-                    runner.start(item[1], item[2], item[3], item[4] if len(item) > 4 else None)
+                    runner.start(item[1], item[2], item[3], item[4], item[5])
             elif op == P.OP_CANCEL:
                 runner.cancel(item[1])
             elif op == P.OP_SKIP:

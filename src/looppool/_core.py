@@ -35,12 +35,13 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Mapping,
 )
 from dataclasses import dataclass
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Final, Generic, ParamSpec, Self, TypeVar, TypeVarTuple, overload
 
-from . import _functions
+from . import _functions, _tracing
 from . import _protocol as P
 from ._distribution import Distribution
 from ._errors import (
@@ -167,6 +168,9 @@ class WorkerSlot(Slot):
         self.last_seen = 0.0
         self.stack = ""
         self.rss = 0  # bytes, as the worker last reported (max_memory_per_worker)
+        # Worker metrics: the last EV_METRICS gauges of the worker serving
+        # this slot; None until it reports, and again once it ends.
+        self.metrics: Mapping[str, float] | None = None
 
 
 S = TypeVar("S", bound=WorkerSlot)
@@ -280,6 +284,22 @@ class PoolCore(abc.ABC, Generic[S]):
         return self._phase is Phase.RUNNING or (
             self._phase is Phase.DRAINING and self._broken is None
         )
+
+    def worker_metrics(self) -> dict[int, Mapping[str, float]]:
+        """The latest resource gauges of each worker, by worker number (read-only).
+
+        Filled when the pool forwards them (``worker_metrics=True``): every
+        ``metrics_interval`` seconds, and once before the worker is ready,
+        each worker sends what :class:`~looppool.metrics.ResourceReporter`
+        measures — ``cpu`` (share of a core over the last interval; absent
+        from the first report), ``rss`` and ``maxrss`` (bytes), ``loop.lag``
+        (milliseconds), ``loop.tasks`` (and ``loop.ready``, ``loop.timers``
+        on asyncio's loop) — plus ``start_time``, when it started (after its
+        ``initialise()``; seconds since the Unix epoch). A worker that died
+        is left out until its replacement reports. Empty when the pool
+        forwards no worker metrics.
+        """
+        return {s.number: MappingProxyType(dict(s.metrics)) for s in self._slots if s.metrics}
 
     # -- life cycle -------------------------------------------------------------
 
@@ -579,7 +599,8 @@ class PoolCore(abc.ABC, Generic[S]):
     ) -> Msg:
         ledger = self._ledger
         try:
-            msg = ledger.accept(payload, target, reply, timeout)
+            # Tracing: the caller's span context, or None (the usual case).
+            msg = ledger.accept(payload, target, reply, timeout, _tracing.capture())
         except NoWorkerLeft:
             raise self._broken or PoolBroken(f"pool {self.name!r} has no worker left") from None
         if ledger.dirty and not self._pump_scheduled:
@@ -958,6 +979,8 @@ class PoolCore(abc.ABC, Generic[S]):
                 slot.start_error = (item[1], item[2])
             elif op == P.EV_BLOCKED:
                 self._ledger.counts.blocked += 1
+            elif op == P.EV_METRICS:
+                slot.metrics = item[1]
             elif op == P.EV_BYE:
                 slot.farewell = Farewell.BYE
             elif op == P.EV_ALIVE:
@@ -1073,6 +1096,7 @@ class PoolCore(abc.ABC, Generic[S]):
         """
         previous = slot.state
         slot.state = SlotState.DEAD
+        slot.metrics = None  # a dead worker's gauges are stale
         if slot.exited is not None and not slot.exited.done():
             slot.exited.set_result(lost.exitcode)
         farewell = slot.farewell

@@ -89,6 +89,7 @@ class Msg:
 
     __slots__ = (
         "cancelled",
+        "delivery",
         "epoch",
         "id",
         "payload",
@@ -97,6 +98,7 @@ class Msg:
         "taken",
         "target",
         "timeout",
+        "trace",
     )
 
     def __init__(
@@ -120,6 +122,12 @@ class Msg:
         self.timeout = timeout  # seconds it may run in a worker, or None
         # Its submit() was cancelled while a worker held it: told to cancel it.
         self.cancelled = False
+        # Tracing: the caller's trace context, carried to the worker with the
+        # message (None: no span was current; the pool fills it in), and
+        # which delivery of the message this is: 1, then one more each time
+        # a worker holding it died and it is sent again (counts.redelivered).
+        self.trace: Any = None
+        self.delivery = 1
 
     def __repr__(self) -> str:
         return f"<Msg {self.id} target={self.target} strikes={self.strikes}>"
@@ -203,10 +211,16 @@ class Ledger:
     # -- accepting ------------------------------------------------------------------
 
     def accept(
-        self, payload: Any, target: int | None, reply: Any, timeout: float | None = None
+        self,
+        payload: Any,
+        target: int | None,
+        reply: Any,
+        timeout: float | None = None,
+        trace: Any = None,
     ) -> Msg:
         """Take a new message into the books and put it where it waits."""
         msg = Msg(next(self._ids), payload, target, reply, self.epoch, timeout)
+        msg.trace = trace
         if target is not None:
             slot: Slot | None = self.slots[target]
         elif self.shared is not None and self.shared.place(msg):
@@ -488,6 +502,8 @@ class Ledger:
             half = len(held) // 2
             groups = [held[:half], held[half:]]
         self.counts.redelivered += len(held)
+        for msg in held:
+            msg.delivery += 1
         # Ahead of older suspects of this number: bisecting one death's
         # suspects to the end finds a culprit in the fewest deaths.
         slot.suspects.extendleft(reversed(groups))

@@ -1,8 +1,9 @@
-"""A worker's monitoring: its statsd reporter and its blocked-loop detector.
+"""A worker's monitoring: its statsd reporter, its blocked-loop detector, its forwarded gauges.
 
 The worker runtime builds one :class:`WorkerMonitor` from the pool's
-``statsd``/``statsd_prefix``/``metrics_interval``/``blocking_threshold``
-options, starts it after ``initialise()`` and closes it before ``finalise()``.
+``statsd``/``statsd_prefix``/``metrics_interval``/``blocking_threshold``/
+``worker_metrics`` options, starts it after ``initialise()`` and closes it
+before ``finalise()``.
 Monitoring never stops the work: nothing here raises into the runtime once
 the pool's constructor has accepted the options (:func:`check_statsd_option`).
 
@@ -27,12 +28,19 @@ import asyncio
 import inspect
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from .metrics import BLOCKING_LOGGER, BlockingDetector, ResourceReporter, StatsdClient
 
-__all__ = ["WorkerMonitor", "check_statsd_option", "metric_prefix", "parse_statsd_address"]
+__all__ = [
+    "MetricsForwarder",
+    "WorkerMonitor",
+    "check_statsd_option",
+    "metric_prefix",
+    "parse_statsd_address",
+]
 
 logger = logging.getLogger(BLOCKING_LOGGER)
 
@@ -112,14 +120,17 @@ def monitor_options(
     statsd_prefix: str | None,
     metrics_interval: float,
     blocking_threshold: float | None,
+    worker_metrics: bool = False,
 ) -> dict[str, Any] | None:
     """Check a pool's monitoring options in its constructor; return the workers' monitor options.
 
-    ``None`` when neither ``statsd`` nor ``blocking_threshold`` is given (no
-    monitor). ``Pool`` and ``RayPool`` both call this, so they raise the same
-    errors for the same mistakes.
+    ``None`` when none of ``statsd``, ``blocking_threshold`` and
+    ``worker_metrics`` is given (no monitor). ``Pool`` and ``RayPool`` both
+    call this, so they raise the same errors for the same mistakes.
     """
-    if statsd is None and blocking_threshold is None:
+    if not isinstance(worker_metrics, bool):
+        raise TypeError(f"worker_metrics must be True or False, not {worker_metrics!r}")
+    if statsd is None and blocking_threshold is None and not worker_metrics:
         return None
     if blocking_threshold is not None and blocking_threshold <= 0:
         raise ValueError(f"blocking_threshold must be > 0 or None, not {blocking_threshold}")
@@ -131,6 +142,7 @@ def monitor_options(
         "statsd_prefix": statsd_prefix,
         "interval": metrics_interval,
         "blocking_threshold": blocking_threshold,
+        "worker_metrics": worker_metrics,
     }
 
 
@@ -147,6 +159,48 @@ def metric_prefix(statsd_prefix: str | None, pool_name: str, number: int) -> str
 
 def _is_aiostatsd(client: object) -> bool:
     return type(client).__module__.partition(".")[0] == "aiostatsd"
+
+
+class MetricsForwarder:
+    """A gauge client for :class:`ResourceReporter` that sends each report to the parent.
+
+    ``Pool(worker_metrics=True)``: the reporter calls :meth:`gauge` once per
+    gauge, all in one loop callback; the first call of a report schedules
+    one :meth:`flush`, which hands the whole report to ``send`` as one dict
+    (one EV_METRICS event). Every report also carries ``start_time``, when
+    the worker started reporting — right after its ``initialise()``, in
+    seconds since the Unix epoch — so a replaced worker shows as one. The
+    first report leaves ``cpu`` out: a share of a core over no interval yet
+    means nothing.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, send: Callable[[dict[str, float]], None]
+    ) -> None:
+        self._loop = loop
+        self._send = send
+        self._batch: dict[str, float] | None = None
+        self._first = True
+        # Wall-clock time, to the microsecond: psutil's create_time() counts
+        # in clock ticks from a boot time known to the second, so a worker
+        # replaced within moments could not be told from the one it replaced.
+        self.start_time: Final = time.time()
+
+    def gauge(self, name: str, value: float) -> None:
+        """Add one gauge of the report being made."""
+        if self._batch is None:
+            self._batch = {"start_time": self.start_time}
+            self._loop.call_soon(self.flush)
+        self._batch[name] = float(value)
+
+    def flush(self) -> None:
+        """Send the report made so far, if any."""
+        batch, self._batch = self._batch, None
+        if batch:
+            if self._first:
+                self._first = False
+                batch.pop("cpu", None)
+            self._send(batch)
 
 
 class WorkerMonitor:
@@ -173,17 +227,22 @@ class WorkerMonitor:
         blocking_threshold: float | None,
         counters: Callable[[], Mapping[str, float]],
         on_blocked: Callable[[], None] | None = None,
+        worker_metrics: bool = False,
+        on_metrics: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
         self.loop: Final = loop
         self.number: Final = number
         self.prefix: Final = metric_prefix(statsd_prefix, pool_name, number)
         self.reporter: ResourceReporter | None = None
         self.detector: BlockingDetector | None = None
+        # worker_metrics: a second reporter, whose client is the parent.
+        self.forwarder: ResourceReporter | None = None
         self._statsd = statsd
         self._interval = interval
         self._threshold = blocking_threshold
         self._counters = counters
         self._on_blocked = on_blocked
+        self._forward = on_metrics if worker_metrics else None
         self._owned_client: object | None = None  # a client we made, so we close
         self._client_task: asyncio.Task[object] | None = None  # aiostatsd's run()
 
@@ -212,6 +271,22 @@ class WorkerMonitor:
                 logger.exception("worker %d: blocking detection disabled", self.number)
             else:
                 self.detector = detector
+        if self._forward is not None:
+            try:
+                self._start_forwarder(self._forward)
+            except Exception:
+                logger.exception("worker %d: worker metrics disabled", self.number)
+
+    def _start_forwarder(self, send: Callable[[dict[str, float]], None]) -> None:
+        forwarder = MetricsForwarder(self.loop, send)
+        reporter = ResourceReporter(forwarder, "", self._interval, loop=self.loop)
+        reporter.start()
+        # A first report now, sent before the worker says it is ready, so the
+        # parent has every worker's gauges from the moment start() returns
+        # (and a replacement's as soon as it is ready).
+        reporter.report()
+        forwarder.flush()
+        self.forwarder = reporter
 
     def _start_reporter(self) -> None:
         statsd = self._statsd
@@ -258,6 +333,9 @@ class WorkerMonitor:
 
     async def aclose(self) -> None:
         """Stop reporting and watching, and close the client made here. Never raises."""
+        forwarder, self.forwarder = self.forwarder, None
+        if forwarder is not None:
+            await forwarder.aclose()  # only cancels its timer: cannot fail
         detector, self.detector = self.detector, None
         if detector is not None:
             try:
@@ -300,4 +378,6 @@ class WorkerMonitor:
             parts.append(f"reporting every {self.reporter.interval:g} s")
         if self.detector is not None:
             parts.append(f"blocking threshold {self.detector.threshold:g} s")
+        if self.forwarder is not None:
+            parts.append(f"forwarding every {self.forwarder.interval:g} s")
         return f"<WorkerMonitor {', '.join(parts)}>"

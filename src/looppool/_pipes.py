@@ -25,6 +25,9 @@ from typing import Any
 
 from . import _protocol as P
 
+#: A shared-queue item: ``(id, want_reply, payload, needs, timeout, trace)``.
+SharedItem = tuple[int, bool, bytes, tuple[int, ...], float | None, Any]
+
 
 class PipeWriter:
     """Writes frames to a pipe from the event loop without ever blocking it."""
@@ -87,15 +90,15 @@ class SharedReader:
     conn: Connection
     lock: Any  # multiprocessing.Lock
 
-    def get(self) -> tuple[int, bool, bytes, tuple[int, ...], float | None]:
-        """Block until a message is there; return ``(id, want_reply, payload, needs, timeout)``."""
+    def get(self) -> SharedItem:
+        """Block until a message is there; ``(id, want_reply, payload, needs, timeout, trace)``."""
         fd = self.conn.fileno()
         with self.lock:
             # Exact reads, never buffered: bytes read ahead would belong to
             # the next reader's message.
             (length,) = P.HEADER.unpack(P.read_exactly(fd, P.HEADER.size))
             body = P.read_exactly(fd, length)
-        item: tuple[int, bool, bytes, tuple[int, ...], float | None] = pickle.loads(body)
+        item: SharedItem = pickle.loads(body)
         return item
 
 
@@ -118,14 +121,15 @@ class SharedQueue:
         payload: bytes,
         needs: tuple[int, ...],
         timeout: float | None,
+        trace: Any = None,
     ) -> None:
         """Queue one message (already pickled by the caller).
 
         ``needs[k]``: how many messages worker k must have read from its own
         channel before it may start this one (see ``_child._Runtime._on_shared``);
-        ``timeout``: its deadline in seconds, or None.
+        ``timeout``: its deadline in seconds, or None; ``trace``: see OP_MSG.
         """
-        self._writer.write(P.encode((mid, want_reply, payload, needs, timeout)))
+        self._writer.write(P.encode((mid, want_reply, payload, needs, timeout, trace)))
 
     def close(self) -> None:
         """End this queue: what was not written is dropped; both parent ends are closed."""

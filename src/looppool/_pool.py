@@ -33,7 +33,7 @@ import os
 import pickle
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any, Literal
+from typing import Literal
 
 from . import _protocol as P
 from ._barrier import BarrierDistribution
@@ -126,6 +126,9 @@ class Pool(PoolCore[_ProcSlot]):
       consumer lags before the pool stops reading the workers (they then
       stop starting messages, and ``put`` waits): memory stays bounded.
       Default 4096; ``None``: no bound.
+    * ``worker_metrics`` — every ``metrics_interval`` seconds, each worker
+      sends its resource gauges to the parent: :meth:`worker_metrics`,
+      :class:`looppool.metrics.PrometheusCollector`.
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class Pool(PoolCore[_ProcSlot]):
         max_messages_per_worker: int | None = None,
         max_memory_per_worker: int | None = None,
         max_results: int | None = DEFAULT_MAX_RESULTS,
+        worker_metrics: bool = False,
     ) -> None:
         super().__init__(
             worker,
@@ -187,7 +191,9 @@ class Pool(PoolCore[_ProcSlot]):
                     f"the worker factory {worker!r} cannot be pickled, which the "
                     f"{self._start_method!r} start method needs: {exc}"
                 ) from exc
-        self._monitor = monitor_options(statsd, statsd_prefix, metrics_interval, blocking_threshold)
+        self._monitor = monitor_options(
+            statsd, statsd_prefix, metrics_interval, blocking_threshold, worker_metrics
+        )
 
         self._loop_kind = ("uvloop" if has_uvloop else "asyncio") if loop == "auto" else loop
         self._distribution = distribution
@@ -309,9 +315,16 @@ class Pool(PoolCore[_ProcSlot]):
     def _send(self, slot: _ProcSlot, batch: list[Msg]) -> None:
         frame = P.encode(
             [
-                (P.OP_MSG, msg.id, msg.reply is not None, msg.payload)
-                if msg.timeout is None and not msg.cancelled
-                else self._item(msg)
+                (
+                    P.OP_MSG,
+                    msg.id,
+                    msg.reply is not None,
+                    msg.payload,
+                    msg.timeout,
+                    None if msg.trace is None else (msg.trace, msg.delivery),
+                )
+                if not msg.cancelled
+                else (P.OP_SKIP, msg.id)  # barrier mode: a withdrawn message's place
                 for msg in batch
             ]
         )
@@ -324,13 +337,6 @@ class Pool(PoolCore[_ProcSlot]):
 
     def _send_stop(self, slot: _ProcSlot, cancel: bool) -> None:
         self._write(slot, P.encode([(P.OP_STOP, cancel)]))
-
-    @staticmethod
-    def _item(msg: Msg) -> tuple[Any, ...]:
-        """A message's OP_MSG item when it has a deadline, or its OP_SKIP placeholder."""
-        if msg.cancelled:
-            return (P.OP_SKIP, msg.id)
-        return (P.OP_MSG, msg.id, msg.reply is not None, msg.payload, msg.timeout)
 
     def _send_cancel(self, slot: _ProcSlot, mid: int) -> None:
         self._write(slot, P.encode([(P.OP_CANCEL, mid)]))

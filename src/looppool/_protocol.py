@@ -26,7 +26,11 @@ HEADER: Final = struct.Struct("!I")
 PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
 
 # parent -> worker
-OP_MSG: Final = 1  # (OP_MSG, id, want_reply, payload[, timeout]): timeout in seconds, if any
+# (OP_MSG, id, want_reply, payload, timeout, trace): timeout in seconds, or None.
+# trace: None, or (carrier, delivery) when the caller had an OpenTelemetry span
+# current: its W3C trace context as a dict, and which delivery of the message
+# this is (1, then 2... after a worker holding it died). See _tracing.
+OP_MSG: Final = 1
 OP_STOP: Final = 2  # (OP_STOP, cancel)
 OP_CANCEL: Final = 3  # (OP_CANCEL, id): cancel that message if it runs (its submit was cancelled)
 OP_SKIP: Final = 4  # (OP_SKIP, id): barrier mode, a withdrawn message's place on the channel
@@ -42,6 +46,9 @@ EV_BLOCKED: Final = 16  # (EV_BLOCKED,): a blocked-loop episode began
 EV_BYE: Final = 17  # (EV_BYE,): clean exit follows
 EV_ALIVE: Final = 18  # (EV_ALIVE, rss): the loop turns (hang_timeout); rss in bytes, or 0
 EV_STACK: Final = 19  # (EV_STACK, text): the loop has not turned for a while; where it is stuck
+# Pool(worker_metrics=True): the worker's resource gauges, every metrics_interval
+# (and once before EV_READY), as a {name: value} dict (see _monitor.MetricsForwarder).
+EV_METRICS: Final = 20  # (EV_METRICS, gauges)
 
 # EV_DONE statuses
 DONE_OK: Final = 0  # payload: pickled reply, or None when no reply was asked for

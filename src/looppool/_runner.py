@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from . import _protocol as P
+from . import _tracing
 from ._errors import MessageTimeout
 from ._worker import Worker
 
@@ -51,7 +52,9 @@ class MessageRunner:
     """Builds one worker and runs its messages on the running loop.
 
     ``emit`` receives the events; ``on_done(mid)`` is called as each message
-    finishes (barrier mode frees a slot of its listener there).
+    finishes (barrier mode frees a slot of its listener there). A message
+    that carries a trace context runs in a span (``_tracing``) tagged with
+    ``pool_name`` and the worker number.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class MessageRunner:
         dumps: Callable[[Any], Any] = pickle_dumps,
         loads: Callable[[Any], Any] = pickle.loads,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
+        pool_name: str = "",
     ) -> None:
         self.factory = factory
         self.number = number
@@ -75,6 +79,7 @@ class MessageRunner:
         self.dumps = dumps
         self.loads = loads
         self.log = log
+        self.pool_name = pool_name
         # The messages running as tasks, by id (a plain def handler never is one).
         self.tasks: dict[int, asyncio.Task[None]] = {}
         # Deadlines: the timer of each message that has one, and those that expired.
@@ -87,6 +92,9 @@ class MessageRunner:
         self.timed_out = 0
         self.worker: Worker | None = None
         self._process: Callable[[Any], Any] = _not_started
+        # The spans of traced messages in flight, by message id; empty (and
+        # only checked for emptiness) while no message carries a trace.
+        self._spans: dict[int, Any] = {}
 
     async def initialise(self) -> Worker | None:
         """Build the worker and run its ``initialise()``; emit EV_START_FAILED on failure."""
@@ -119,6 +127,10 @@ class MessageRunner:
             await maybe_await(self.worker.finalise())
         except Exception:
             self.log.exception("finalise() raised")  # the parent tags it with the worker number
+        # A forked worker ends with os._exit, which skips the tracing SDK's
+        # atexit flush: the spans it buffers (ours, the handler's) would be
+        # lost. Nothing happens unless the process uses OpenTelemetry.
+        await _tracing.flush()
 
     def counters(self) -> dict[str, float]:
         """The message counts, for the resource reporter."""
@@ -135,15 +147,25 @@ class MessageRunner:
         self.emit((P.EV_RESULT, self.dumps(value)))
 
     def start(
-        self, mid: int, want_reply: bool, payload: bytes, timeout: float | None = None
+        self,
+        mid: int,
+        want_reply: bool,
+        payload: bytes,
+        timeout: float | None = None,
+        trace: _tracing.Trace | None = None,
     ) -> None:
         """Start one message: inline if the handler is plain, as a task if it awaits.
 
         ``timeout`` (seconds): cancel its task at that deadline, and fail it
         with :class:`~looppool.MessageTimeout`. A plain ``def`` handler runs
         to its end in one go, so a deadline cannot interrupt it (the pool's
-        ``hang_timeout`` covers one that never returns).
+        ``hang_timeout`` covers one that never returns). ``trace`` (the last
+        field of OP_MSG) is the caller's trace context: the message then runs
+        in a span of its own.
         """
+        if trace is not None:
+            self._start_traced(mid, want_reply, payload, timeout, trace)
+            return
         self.in_flight += 1
         try:
             result = self._process(self.loads(payload))
@@ -195,6 +217,30 @@ class MessageRunner:
         self.timed_out += 1
         self._failed(mid, want_reply, MessageTimeout(timeout, self.number), timed_out=True)
 
+    def _start_traced(
+        self,
+        mid: int,
+        want_reply: bool,
+        payload: bytes,
+        timeout: float | None,
+        trace: _tracing.Trace,
+    ) -> None:
+        begun = _tracing.begin(
+            trace, worker=self.worker, pool_name=self.pool_name, number=self.number, mid=mid
+        )
+        if begun is None:  # OpenTelemetry is not importable here: run it untraced
+            self.start(mid, want_reply, payload, timeout)
+            return
+        span, token = begun
+        self._spans[mid] = span
+        try:
+            # The span is current while process_message starts: its own spans
+            # nest under it, and the task made for an async handler copies
+            # this context. A plain handler's span ends inside this call.
+            self.start(mid, want_reply, payload, timeout)
+        finally:
+            _tracing.detach(token)
+
     def refuse(self, mid: int) -> None:
         """Report a message that arrived after the stop began: it was not started."""
         self.in_flight += 1
@@ -232,6 +278,10 @@ class MessageRunner:
 
     def _done(self, mid: int, status: int, payload: Any) -> None:
         self.in_flight -= 1
+        if self._spans:
+            span = self._spans.pop(mid, None)
+            if span is not None:
+                _tracing.end(span, status)
         self.emit((P.EV_DONE, mid, status, payload))
         if self.on_done is not None:
             self.on_done(mid)
@@ -257,6 +307,8 @@ class MessageRunner:
     ) -> None:
         self.failed += 1
         status = P.DONE_TIMED_OUT if timed_out else P.DONE_FAILED
+        if self._spans:
+            _tracing.failed(self._spans.get(mid), exc)
         if not want_reply:
             # Nobody awaits this message: the parent's log is where it shows
             # (tagged there with the worker number).

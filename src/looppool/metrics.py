@@ -847,3 +847,18 @@ class BlockingDetector:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<BlockingDetector threshold={self.threshold:g} s, {state}, {self.blocked} blocked>"
+
+
+# -- PrometheusCollector (issue 14), re-exported lazily --------------------------------------
+# prometheus_client is optional (extra ``prometheus``): importing this module
+# must not import it, nor fail without it.
+if TYPE_CHECKING:
+    from ._prometheus import PrometheusCollector as PrometheusCollector
+else:
+
+    def __getattr__(name: str) -> Any:
+        if name == "PrometheusCollector":
+            from ._prometheus import PrometheusCollector  # ImportError if it is absent
+
+            return PrometheusCollector
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

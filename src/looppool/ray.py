@@ -75,6 +75,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import _protocol as P
+from . import _tracing
 from ._child import _ForwardHandler
 from ._core import (
     DEFAULT_CONCURRENCY,
@@ -132,7 +133,7 @@ class LooppoolActor:
         monitor: dict[str, Any] | None = None,
         beat: tuple[float, float | None, bool] | None = None,
     ) -> None:
-        self._runner = MessageRunner(factory, number, self.add)
+        self._runner = MessageRunner(factory, number, self.add, pool_name=pool_name)
         # (interval, hang_timeout, report_rss) of the heartbeat, as in a worker process.
         self._beat = beat
         self._heartbeat: Heartbeat | None = None
@@ -296,6 +297,7 @@ class LooppoolActor:
             pool_name=self._pool_name,
             counters=self._runner.counters,
             on_blocked=self._on_blocked,
+            on_metrics=self._on_metrics,
             **self._monitor_options,
         )
         monitor.start()  # never raises: a bad address is logged, and the actor runs on
@@ -308,13 +310,17 @@ class LooppoolActor:
         """Cancel message ``mid`` if it runs here (its ``submit()`` was cancelled)."""
         self._runner.cancel(mid)
 
+    def _on_metrics(self, gauges: dict[str, float]) -> None:
+        self.add((P.EV_METRICS, gauges))
+
     def _run_frame(self, frame: bytes) -> None:
         runner = self._runner
-        for mid, want_reply, payload, timeout in pickle.loads(frame):
+        # Each item: (id, want_reply, payload, timeout, trace), as OP_MSG's fields.
+        for mid, want_reply, payload, timeout, trace in pickle.loads(frame):
             if self._cancel:
                 runner.refuse(mid)
             else:
-                runner.start(mid, want_reply, payload, timeout)
+                runner.start(mid, want_reply, payload, timeout, trace)
 
 
 # -- the parent side ------------------------------------------------------------
@@ -366,11 +372,13 @@ class RayPool(PoolCore[_ActorSlot]):
       instead of :meth:`results`.
     * ``name`` — shown in logs and metric names.
     * ``statsd``, ``statsd_prefix``, ``metrics_interval``,
-      ``blocking_threshold`` — monitoring, as in :class:`looppool.Pool` (see
-      :mod:`looppool.metrics`): each actor sends its gauges from its own node
-      (``"host:port"`` is resolved there; a client instance travels to the
-      actors with cloudpickle), and a blocked actor loop logs a warning that
-      reaches the parent's logging.
+      ``blocking_threshold``, ``worker_metrics`` — monitoring, as in
+      :class:`looppool.Pool` (see :mod:`looppool.metrics`): each actor sends
+      its gauges from its own node (``"host:port"`` is resolved there; a
+      client instance travels to the actors with cloudpickle), a blocked
+      actor loop logs a warning that reaches the parent's logging, and
+      ``worker_metrics=True`` forwards each actor's gauges to the driver
+      (:meth:`worker_metrics`, :class:`looppool.metrics.PrometheusCollector`).
     * ``**ray_actor_options`` — passed to ``.options()`` of every actor:
       ``num_cpus`` (default 1: an actor per core), ``resources``,
       ``scheduling_strategy`` (``"SPREAD"`` spreads the actors over nodes),
@@ -399,6 +407,7 @@ class RayPool(PoolCore[_ActorSlot]):
         max_messages_per_worker: int | None = None,
         max_memory_per_worker: int | None = None,
         max_results: int | None = DEFAULT_MAX_RESULTS,
+        worker_metrics: bool = False,
         **ray_actor_options: Any,
     ) -> None:
         super().__init__(
@@ -428,7 +437,9 @@ class RayPool(PoolCore[_ActorSlot]):
             raise TypeError(
                 f"the worker factory {worker!r} cannot be pickled, which Ray needs: {exc}"
             ) from exc
-        self._monitor = monitor_options(statsd, statsd_prefix, metrics_interval, blocking_threshold)
+        self._monitor = monitor_options(
+            statsd, statsd_prefix, metrics_interval, blocking_threshold, worker_metrics
+        )
         if self._monitor is not None:
             try:
                 ray.cloudpickle.dumps(statsd)  # type: ignore[no-untyped-call, unused-ignore]
@@ -538,7 +549,10 @@ class RayPool(PoolCore[_ActorSlot]):
         self._on_worker_end(slot, f"its actor died: {_describe_ray_error(error)}", lost)
 
     def _send(self, slot: _ActorSlot, batch: list[Msg]) -> None:
-        items = [(msg.id, msg.reply is not None, msg.payload, msg.timeout) for msg in batch]
+        items = [
+            (msg.id, msg.reply is not None, msg.payload, msg.timeout, _tracing.wire(msg))
+            for msg in batch
+        ]
         # Fire and forget: if the actor dies, its listener learns it and
         # rescues what it held; the call's own error adds nothing.
         slot.actor.deliver.remote(slot.sent, pickle.dumps(items, P.PROTOCOL))

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from . import _protocol as P
+from . import _tracing
 from ._core import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_PENDING,
@@ -226,6 +227,7 @@ class InlinePool(PoolCore[_InlineSlot]):
             slot.number,
             functools.partial(self._emit, slot),
             log=_TaggedLog(worker_logger, {"worker": slot.number}),
+            pool_name=self.name,
             **codec,
         )
         slot.task = self._loop.create_task(
@@ -279,7 +281,9 @@ class InlinePool(PoolCore[_InlineSlot]):
             if slot.stop_requested.done():
                 runner.refuse(msg.id)
             else:
-                runner.start(msg.id, msg.reply is not None, msg.payload, msg.timeout)
+                runner.start(
+                    msg.id, msg.reply is not None, msg.payload, msg.timeout, _tracing.wire(msg)
+                )
 
     def _send_stop(self, slot: _InlineSlot, cancel: bool) -> None:
         if slot.stop_requested is not None and not slot.stop_requested.done():
