@@ -268,8 +268,8 @@ def check_kill(report: dict[str, Any]) -> None:
     assert all(r[3] != killed["pid"] for r in done)
     stats = report["stats"]
     assert (stats["respawns"], stats["redelivered"], stats["lost"]) == (1, w.HOLDS // 2, 0)
-    # 2 "where", the messages, the holds, "release" to both actors, the replacement's "where".
-    assert stats["processed"] == 2 + w.MESSAGES + w.HOLDS + 2 + 1
+    # 2 "where", the messages, the holds, the replacement's "where".
+    assert stats["processed"] == 2 + w.MESSAGES + w.HOLDS + 1
 
 
 def test_gcs_address_uses_both_nodes_and_redelivers_after_ray_kill(cluster: Cluster) -> None:
