@@ -496,6 +496,7 @@ async def test_pool_workers_send_gauges_and_report_blocked_loops(
     [worker] = {name.split(".")[3] for name in report}  # whichever worker reported first
     assert worker in {"0", "1"}
     assert f"e2e.crawl.worker.{worker}.messages.processed" in report
+    assert f"e2e.crawl.worker.{worker}.messages.timed_out" in report
     assert f"e2e.crawl.worker.{worker}.rss" in report
     assert stats.blocked == 1
     [record] = [r for r in caplog.records if "Event loop blocked" in r.getMessage()]

@@ -47,7 +47,7 @@ logger = logging.getLogger(BLOCKING_LOGGER)
 #: The worker runtime's counters that are running totals since the process
 #: started: sent as statsd counters (their increase per report), so that a
 #: statsd server sums them over the workers and across replaced processes.
-CUMULATIVE_COUNTERS: Final = ("messages.processed", "messages.failed")
+CUMULATIVE_COUNTERS: Final = ("messages.processed", "messages.failed", "messages.timed_out")
 
 #: Longest wait for a client's close()/stop() at worker shutdown: a statsd
 #: client must not hold a stopping worker (aiostatsd's stop() never returns
