@@ -88,6 +88,8 @@ RESPAWN_BACKOFF: Final = 0.1  # seconds, doubled per consecutive failure
 # ``P.EV_DONE`` or ``Outcome.PROCESSED`` is two.
 _EV_DONE: Final = P.EV_DONE
 _EV_RESULT: Final = P.EV_RESULT
+_EV_RESULTS: Final = P.EV_RESULTS
+_EV_ACKS: Final = P.EV_ACKS
 _DONE_OK: Final = P.DONE_OK
 _PROCESSED: Final = Outcome.PROCESSED
 
@@ -988,11 +990,18 @@ class PoolCore(abc.ABC, Generic[S]):
         # call_soon), so waking them at the end changes no order.
         on_done = self._on_done
         add_result = self._stream.add
+        add_results = self._stream.add_many
         ended = False
         for item in items:
             op = item[0]
             if op == _EV_DONE:
                 on_done(slot, item[1], item[2], item[3])
+                ended = True
+            elif op == _EV_RESULTS:
+                add_results(item[1])
+            elif op == _EV_ACKS:
+                for mid in item[1]:
+                    on_done(slot, mid, _DONE_OK, None)
                 ended = True
             elif op == _EV_RESULT:
                 add_result(item[1])
