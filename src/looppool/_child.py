@@ -396,6 +396,7 @@ class _Runtime:
             release,
             wait_room=outbox.wait_room,
             pool_name=cfg.pool_name,
+            eager=True,
         )
         self.loop: asyncio.AbstractEventLoop
         self.stop_requested: asyncio.Future[bool]
