@@ -147,7 +147,9 @@ class ResultStream:
             )
         self._consumers += 1
         try:
-            while await self._ready():
+            # _ready() only when the buffer is empty: a coroutine per result
+            # is most of what handing one out costs.
+            while self._buf or await self._ready():
                 # Popped as it is yielded, never bound to a local of this frame:
                 # once the caller drops it, nothing here keeps it alive.
                 yield self._buf.popleft()
