@@ -17,14 +17,12 @@ never unpickles data from anywhere else.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import struct
 from typing import Any, Final
 
 HEADER: Final = struct.Struct("!I")
-_NO_HEADER: Final = bytes(HEADER.size)
 PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
 
 # parent -> worker
@@ -70,17 +68,8 @@ READ_SIZE: Final = 1 << 16
 
 def encode(items: Any) -> bytes:
     """Pickle ``items`` (a list of tuples between the pool's processes) into one frame."""
-    # Pickled straight behind a placeholder header, which is then filled in:
-    # ``HEADER.pack(n) + pickle.dumps(items)`` copied the whole pickle once
-    # more, into fresh memory (for a frame of megabytes, a copy and a page
-    # fault per page). getvalue() hands over the buffer without a copy.
-    out = io.BytesIO()
-    out.write(_NO_HEADER)
-    pickle.Pickler(out, PROTOCOL).dump(items)
-    length = out.tell() - HEADER.size
-    out.seek(0)
-    out.write(HEADER.pack(length))
-    return out.getvalue()
+    body = pickle.dumps(items, PROTOCOL)
+    return HEADER.pack(len(body)) + body
 
 
 def enlarge_pipe(fd: int) -> None:
