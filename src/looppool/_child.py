@@ -156,6 +156,10 @@ def _watch_parent(parent_pid: int) -> None:
 #: slowly, or not at all while its results() consumer lags) before it starts
 #: no more messages and ``put_result_wait()`` waits: memory stays bounded.
 OUTBOX_LIMIT: Final = 4 << 20
+# Bound once: Outbox.add tests them for every result and ack.
+_EV_RESULT: Final = P.EV_RESULT
+_EV_DONE: Final = P.EV_DONE
+_DONE_OK: Final = P.DONE_OK
 
 
 class Outbox:
@@ -181,6 +185,11 @@ class Outbox:
         # or events would arrive reordered.
         self._lock = threading.Lock()
         self._items: list[tuple[Any, ...]] = []
+        # The run of results and of plain acks (DONE_OK, no reply) added
+        # since the last other item, folded into one EV_RESULTS and one
+        # EV_ACKS item (see _close_runs).
+        self._results: list[bytes] = []
+        self._acks: list[int] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -214,7 +223,14 @@ class Outbox:
 
     def add(self, item: tuple[Any, ...]) -> None:
         with self._lock:
-            self._items.append(item)
+            op = item[0]
+            if op == _EV_RESULT:
+                self._results.append(item[1])
+            elif op == _EV_DONE and item[2] == _DONE_OK and item[3] is None:
+                self._acks.append(item[1])
+            else:
+                self._close_runs()
+                self._items.append(item)
             if self._scheduled:
                 return
             self._scheduled = True
@@ -232,9 +248,27 @@ class Outbox:
             except RuntimeError:  # the loop closed between the check and the call
                 self.flush()
 
+    def _close_runs(self) -> None:
+        """Append the runs of results and acks to the batch (called with the lock held).
+
+        Results go before acks: within a run, each message's results were
+        added before its ack, and moving an ack after later results keeps
+        that (the parent needs a message's results before its ack, never the
+        reverse). Every other item closes the runs first, so that nothing
+        else is reordered: a log record, EV_BYE or a failure's EV_DONE still
+        follows the acks added before it.
+        """
+        if self._results:
+            self._items.append((P.EV_RESULTS, self._results))
+            self._results = []
+        if self._acks:
+            self._items.append((P.EV_ACKS, self._acks))
+            self._acks = []
+
     def flush(self) -> None:
         with self._lock:
             self._scheduled = False
+            self._close_runs()
             items, self._items = self._items, []
             if items:
                 self._write(P.encode(items))
@@ -362,6 +396,7 @@ class _Runtime:
             release,
             wait_room=outbox.wait_room,
             pool_name=cfg.pool_name,
+            eager=True,
         )
         self.loop: asyncio.AbstractEventLoop
         self.stop_requested: asyncio.Future[bool]

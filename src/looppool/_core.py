@@ -27,6 +27,7 @@ import contextlib
 import enum
 import logging
 import pickle
+import sys
 from collections import deque
 from collections.abc import (
     AsyncGenerator,
@@ -69,6 +70,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("looppool")
+_MODULES: Final = sys.modules
+_OTEL_TRACE: Final = "opentelemetry.trace"  # what _tracing.capture() looks for first
 
 DEFAULT_CONCURRENCY: Final = 1000
 DEFAULT_MAX_PENDING: Final = 10_000
@@ -79,6 +82,16 @@ DEFAULT_MAX_RESULTS: Final = 4096
 MEMORY_CHECK: Final = 1.0
 MAX_START_FAILURES: Final = 3  # consecutive failed replacements of one worker before giving up
 RESPAWN_BACKOFF: Final = 0.1  # seconds, doubled per consecutive failure
+
+# Bound once at import: the per-message paths (put, _dispatch, _on_done) test
+# these for every message, and a module global is one look-up where
+# ``P.EV_DONE`` or ``Outcome.PROCESSED`` is two.
+_EV_DONE: Final = P.EV_DONE
+_EV_RESULT: Final = P.EV_RESULT
+_EV_RESULTS: Final = P.EV_RESULTS
+_EV_ACKS: Final = P.EV_ACKS
+_DONE_OK: Final = P.DONE_OK
+_PROCESSED: Final = Outcome.PROCESSED
 
 # The types of run(), map() and starmap(): a function's parameters, its
 # arguments, and what it returns (an async function's awaitable unwrapped).
@@ -139,6 +152,9 @@ class Phase(enum.Enum):
     DRAINING = "draining"  # stop(): SafeWorker runs what was put; no new messages; replacements on
     STOPPING = "stopping"  # workers told to stop (or killed); nothing replaced
     STOPPED = "stopped"
+
+
+_RUNNING: Final = Phase.RUNNING  # put() tests it for every message (see _EV_DONE)
 
 
 class Farewell(enum.Enum):
@@ -477,7 +493,7 @@ class PoolCore(abc.ABC, Generic[S]):
     # -- sending --------------------------------------------------------------
 
     def _pickle(self, message: Any) -> Any:
-        if self._phase is not Phase.RUNNING:
+        if self._phase is not _RUNNING:
             self._raise_closed()
         try:
             return pickle.dumps(message, P.PROTOCOL)
@@ -518,8 +534,11 @@ class PoolCore(abc.ABC, Generic[S]):
         it, messages are dealt to the workers in fair rounds. ``timeout``
         (seconds) overrides the pool's ``message_timeout`` for this message.
         """
-        self._check_target(worker)
-        timeout = self._timeout_for(timeout)
+        # _check_target and _timeout_for, spelt out for the usual arguments:
+        # put() is the README's per-message call, and each call saved counts.
+        if worker is not None:
+            self._check_target(worker)
+        timeout = self._message_timeout if timeout is None else check_seconds("timeout", timeout)
         payload = self._pickle(message)
         if self._ledger.pending >= self._max_pending:
             await self._wait_for_room()
@@ -574,8 +593,9 @@ class PoolCore(abc.ABC, Generic[S]):
         (``CancelledError`` in ``process_message``); either way it counts as
         ``cancelled``, and ``drain()`` and ``stop()`` do not wait for it.
         """
-        self._check_target(worker)
-        timeout = self._timeout_for(timeout)
+        if worker is not None:  # as in put()
+            self._check_target(worker)
+        timeout = self._message_timeout if timeout is None else check_seconds("timeout", timeout)
         payload = self._pickle(message)
         if self._ledger.pending >= self._max_pending:
             await self._wait_for_room()
@@ -598,9 +618,11 @@ class PoolCore(abc.ABC, Generic[S]):
         self, payload: Any, target: int | None, reply: Any, timeout: float | None = None
     ) -> Msg:
         ledger = self._ledger
+        # Tracing: the caller's span context, or None (the usual case: when
+        # nothing imported OpenTelemetry, skip the call).
+        trace = _tracing.capture() if _OTEL_TRACE in _MODULES else None
         try:
-            # Tracing: the caller's span context, or None (the usual case).
-            msg = ledger.accept(payload, target, reply, timeout, _tracing.capture())
+            msg = ledger.accept(payload, target, reply, timeout, trace)
         except NoWorkerLeft:
             raise self._broken or PoolBroken(f"pool {self.name!r} has no worker left") from None
         if ledger.dirty and not self._pump_scheduled:
@@ -961,34 +983,39 @@ class PoolCore(abc.ABC, Generic[S]):
 
     def _dispatch(self, slot: S, items: list[tuple[Any, ...]]) -> None:
         """Handle a batch of events from a worker (see ``_protocol``)."""
+        # Per frame, not per item: a frame carries up to thousands of results
+        # and acks, so the handlers are looked up once, and the wake-ups that
+        # follow an end (_after_end, the pump) run once after the whole frame.
+        # Nothing they wake runs before this returns (it is all futures and
+        # call_soon), so waking them at the end changes no order.
+        on_done = self._on_done
+        add_result = self._stream.add
+        add_results = self._stream.add_many
+        ended = False
         for item in items:
             op = item[0]
-            if op == P.EV_DONE:
-                self._on_done(slot, item[1], item[2], item[3])
-            elif op == P.EV_RESULT:
-                self._stream.add(item[1])
-            elif op == P.EV_LOG:
-                self._on_log(slot, item[1])
-            elif op == P.EV_TAKEN:
-                self._dist.taken(slot, item[1])
-            elif op == P.EV_READY:
-                self._ledger.safe = item[2]  # authoritative: the factory's product decides
-                self._ready_info(slot, item[3:])
-                self._on_ready(slot, item[1])
-            elif op == P.EV_START_FAILED:
-                slot.start_error = (item[1], item[2])
-            elif op == P.EV_BLOCKED:
-                self._ledger.counts.blocked += 1
-            elif op == P.EV_METRICS:
-                slot.metrics = item[1]
-            elif op == P.EV_BYE:
-                slot.farewell = Farewell.BYE
-            elif op == P.EV_ALIVE:
-                slot.rss = item[1]
-                if self._max_memory is not None and item[1] > self._max_memory:
-                    self._maybe_retire()
-            elif op == P.EV_STACK:
-                slot.stack = item[1]
+            if op == _EV_DONE:
+                on_done(slot, item[1], item[2], item[3])
+                ended = True
+            elif op == _EV_RESULTS:
+                add_results(item[1])
+            elif op == _EV_ACKS:
+                for mid in item[1]:
+                    on_done(slot, mid, _DONE_OK, None)
+                ended = True
+            elif op == _EV_RESULT:
+                add_result(item[1])
+            else:
+                self._dispatch_other(slot, item)
+        if ended:
+            # The pump first: call_soon runs callbacks in order, so the
+            # workers get their next batch (from what is queued) before a
+            # producer woken for the room refills the queue, which takes it a
+            # whole burst of put() calls; the other way round left the
+            # workers idle for that burst.
+            if self._ledger.dirty and not self._pump_scheduled:
+                self._schedule_pump()
+            self._after_end()
         if self._hang_timeout is not None:
             assert self._loop is not None
             slot.last_seen = self._loop.time()
@@ -1000,6 +1027,32 @@ class PoolCore(abc.ABC, Generic[S]):
         ):
             self._pause(slot)
 
+    def _dispatch_other(self, slot: S, item: tuple[Any, ...]) -> None:
+        """Handle one event other than a result or an ack (the rare ones)."""
+        op = item[0]
+        if op == P.EV_LOG:
+            self._on_log(slot, item[1])
+        elif op == P.EV_TAKEN:
+            self._dist.taken(slot, item[1])
+        elif op == P.EV_READY:
+            self._ledger.safe = item[2]  # authoritative: the factory's product decides
+            self._ready_info(slot, item[3:])
+            self._on_ready(slot, item[1])
+        elif op == P.EV_START_FAILED:
+            slot.start_error = (item[1], item[2])
+        elif op == P.EV_BLOCKED:
+            self._ledger.counts.blocked += 1
+        elif op == P.EV_METRICS:
+            slot.metrics = item[1]
+        elif op == P.EV_BYE:
+            slot.farewell = Farewell.BYE
+        elif op == P.EV_ALIVE:
+            slot.rss = item[1]
+            if self._max_memory is not None and item[1] > self._max_memory:
+                self._maybe_retire()
+        elif op == P.EV_STACK:
+            slot.stack = item[1]
+
     def _on_done(self, slot: S, mid: int, status: int, payload: Any) -> None:
         msg = slot.held.pop(mid, None)
         if msg is None:
@@ -1007,8 +1060,8 @@ class PoolCore(abc.ABC, Generic[S]):
             if msg is None:
                 return  # already given up on (its worker was declared lost)
         future = msg.reply
-        if status == P.DONE_OK:
-            outcome = Outcome.PROCESSED
+        if status == _DONE_OK:
+            outcome = _PROCESSED
             if future is not None and not future.done():
                 try:
                     future.set_result(self._loads(payload))
@@ -1041,9 +1094,7 @@ class PoolCore(abc.ABC, Generic[S]):
                 future.set_exception(PoolClosed("the pool stopped while the message was running"))
         if self._ledger.finish(slot, msg, outcome):
             self._dist.isolation_over()
-        self._after_end()
-        if self._ledger.dirty and not self._pump_scheduled:
-            self._schedule_pump()
+        # The caller, _dispatch, wakes the waiters (_after_end) and the pump once per frame.
 
     def results(self) -> AsyncIterator[Any]:
         """Yield every result the workers put; end once the pool stopped and all were yielded.

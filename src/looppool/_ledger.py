@@ -53,6 +53,11 @@ class SlotState(enum.Enum):
     DEAD = "dead"  # no worker (between a death and its replacement, or after stop)
 
 
+#: SlotState.READY, bound once: the per-message paths test it (a global is
+#: one look-up; an enum member through its class is two).
+_READY: Final = SlotState.READY
+
+
 class Outcome(enum.Enum):
     """How a message ended."""
 
@@ -60,6 +65,9 @@ class Outcome(enum.Enum):
     FAILED = "failed"  # its handler raised, or ran past its deadline
     LOST = "lost"  # its worker died, or the pool stopped before running it
     CANCELLED = "cancelled"  # its submit() was cancelled: withdrawn, or cancelled in the worker
+
+
+_PROCESSED: Final = Outcome.PROCESSED  # the usual outcome, bound once (see _READY)
 
 
 @dataclass(slots=True)
@@ -109,6 +117,7 @@ class Msg:
         reply: Any,
         epoch: int,
         timeout: float | None = None,
+        trace: Any = None,
     ) -> None:
         self.id = mid
         self.payload = payload  # pickled by the caller (bytes), or as is (InlinePool)
@@ -126,7 +135,7 @@ class Msg:
         # message (None: no span was current; the pool fills it in), and
         # which delivery of the message this is: 1, then one more each time
         # a worker holding it died and it is sent again (counts.redelivered).
-        self.trace: Any = None
+        self.trace: Any = trace
         self.delivery = 1
 
     def __repr__(self) -> str:
@@ -219,8 +228,7 @@ class Ledger:
         trace: Any = None,
     ) -> Msg:
         """Take a new message into the books and put it where it waits."""
-        msg = Msg(next(self._ids), payload, target, reply, self.epoch, timeout)
-        msg.trace = trace
+        msg = Msg(next(self._ids), payload, target, reply, self.epoch, timeout, trace)
         if target is not None:
             slot: Slot | None = self.slots[target]
         elif self.shared is not None and self.shared.place(msg):
@@ -228,27 +236,41 @@ class Ledger:
         else:
             slot = self.slots[self.next_in_round()]  # may raise NoWorkerLeft: nothing counted yet
         counts = self._epoch_counts
-        counts[msg.epoch] = counts.get(msg.epoch, 0) + 1
+        epoch = msg.epoch
+        counts[epoch] = counts.get(epoch, 0) + 1
         self.pending += 1
         self.counts.put += 1
         if slot is not None:
-            self.enqueue(slot, msg)
+            # enqueue(), spelt out: this runs for every message put.
+            slot.queue.append(msg)
+            if slot.state is _READY and len(slot.held) - slot.taken < self.concurrency:
+                self.dirty[slot] = None
         return msg
 
     def next_in_round(self) -> int:
         """Fair rounds: each round deals one message to every live worker, in order."""
         slots = self.slots
+        dealt = self._round
         while True:
-            if not self._round:
+            if not dealt:
                 self._deal_round()
-            number = self._round.popleft()
-            if slots[number].dealable or not any(slots[n].dealable for n in self._round):
+            number = dealt.popleft()
+            slot = slots[number]
+            # Slot.dealable, spelt out (this runs for every message dealt): a
+            # property call and two global look-ups cost more than the test.
+            if (slot.state is _READY and not slot.isolating and not slot.suspects) or not any(
+                slots[n].dealable for n in dealt
+            ):
                 return number
 
     def _deal_round(self) -> None:
         # A worker running a suspect group alone is skipped, as one being
         # replaced is: what was dealt to it would wait for the whole group.
-        ready = [s.number for s in self.slots if s.dealable]
+        ready = [
+            s.number
+            for s in self.slots
+            if s.state is _READY and not s.isolating and not s.suspects  # s.dealable
+        ]
         if not ready:
             ready = [s.number for s in self.slots if s.state is SlotState.READY]
         if not ready:
@@ -327,7 +349,8 @@ class Ledger:
             msg.taken = False
             slot.taken -= 1
         self.end(msg, outcome)
-        self.mark(slot)
+        if (slot.queue or slot.suspects) and slot.state is _READY:  # mark(), spelt out
+            self.dirty[slot] = None
         if slot.isolating and not slot.held:
             # The group ran alone and ended: its members were innocent.
             slot.isolating = False
@@ -337,7 +360,7 @@ class Ledger:
 
     def end(self, msg: Msg, outcome: Outcome) -> None:
         """Count a message as ended, wherever it was."""
-        if outcome is Outcome.PROCESSED:
+        if outcome is _PROCESSED:
             self.counts.processed += 1
         elif outcome is Outcome.FAILED:
             self.counts.failed += 1

@@ -49,6 +49,11 @@ EV_STACK: Final = 19  # (EV_STACK, text): the loop has not turned for a while; w
 # Pool(worker_metrics=True): the worker's resource gauges, every metrics_interval
 # (and once before EV_READY), as a {name: value} dict (see _monitor.MetricsForwarder).
 EV_METRICS: Final = 20  # (EV_METRICS, gauges)
+# A worker process's outbox folds runs of the two per-message events into one
+# item each, so that a frame of a thousand messages carries two lists rather
+# than two thousand tuples (less to pickle, unpickle and dispatch):
+EV_RESULTS: Final = 21  # (EV_RESULTS, [payload, ...]): EV_RESULTs, in order
+EV_ACKS: Final = 22  # (EV_ACKS, [id, ...]): EV_DONEs with status DONE_OK and payload None
 
 # EV_DONE statuses
 DONE_OK: Final = 0  # payload: pickled reply, or None when no reply was asked for

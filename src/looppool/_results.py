@@ -100,6 +100,27 @@ class ResultStream:
         except Exception:
             logger.exception("pool %s: on_result raised", self._name)
 
+    def add_many(self, payloads: list[Any]) -> None:
+        """:meth:`add` for each of a worker's results in one frame (EV_RESULTS), in order."""
+        if self._callback is not None:
+            for payload in payloads:
+                self.add(payload)
+            return
+        # results(): the usual case, with the look-ups and the wake-up once per frame.
+        self._counts.results += len(payloads)
+        loads = self._loads
+        append = self._buf.append
+        for payload in payloads:
+            try:
+                value = loads(payload)
+            except Exception:
+                logger.exception(
+                    "pool %s: a result could not be unpickled in the parent", self._name
+                )
+                continue
+            append(value)
+        self._wake()
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -126,7 +147,9 @@ class ResultStream:
             )
         self._consumers += 1
         try:
-            while await self._ready():
+            # _ready() only when the buffer is empty: a coroutine per result
+            # is most of what handing one out costs.
+            while self._buf or await self._ready():
                 # Popped as it is yielded, never bound to a local of this frame:
                 # once the caller drops it, nothing here keeps it alive.
                 yield self._buf.popleft()

@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import pickle
+import sys
 import threading
 import time
 import traceback
@@ -26,6 +27,9 @@ from ._errors import MessageTimeout
 from ._worker import Worker
 
 CANCEL_GRACE: Final = 1.0  # seconds a cancelled Worker's tasks get to run their finally blocks
+
+#: Whether asyncio.Task takes ``eager_start`` (3.12+): see MessageRunner(eager=).
+EAGER_TASKS: Final = sys.version_info >= (3, 12)
 
 logger = logging.getLogger("looppool.worker")
 
@@ -69,6 +73,7 @@ class MessageRunner:
         loads: Callable[[Any], Any] = pickle.loads,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
         pool_name: str = "",
+        eager: bool = False,
     ) -> None:
         self.factory = factory
         self.number = number
@@ -95,6 +100,13 @@ class MessageRunner:
         # The spans of traced messages in flight, by message id; empty (and
         # only checked for emptiness) while no message carries a trace.
         self._spans: dict[int, Any] = {}
+        # Start an async handler's task eagerly (3.12+, asyncio.Task's
+        # eager_start): its first step runs at once, inside start(), as a
+        # real task (current_task(), asyncio.timeout() and the context copy
+        # are as usual), and one that finishes without suspending is done
+        # before it is ever scheduled, so it costs no loop turn. Only the
+        # worker process asks for it; InlinePool and Ray keep lazy tasks.
+        self._eager = eager and EAGER_TASKS
 
     async def initialise(self) -> Worker | None:
         """Build the worker and run its ``initialise()``; emit EV_START_FAILED on failure."""
@@ -174,7 +186,16 @@ class MessageRunner:
             return
         if inspect.isawaitable(result):
             loop = asyncio.get_running_loop()
-            task = loop.create_task(self._await(mid, want_reply, result))
+            if self._eager:
+                task = asyncio.Task(  # type: ignore[call-arg,unused-ignore]
+                    self._await(mid, want_reply, result), loop=loop, eager_start=True
+                )
+                if task.done():
+                    # It finished in its first step, and _await reported it:
+                    # nothing to track, no deadline to arm.
+                    return
+            else:
+                task = loop.create_task(self._await(mid, want_reply, result))
             self.tasks[mid] = task
             if timeout is not None:
                 self._timers[mid] = loop.call_later(timeout, self._expire, mid, timeout, want_reply)
