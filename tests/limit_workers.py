@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import time
 from typing import Any
@@ -14,6 +16,7 @@ class Slow(looppool.SafeWorker):
     """Messages are ``(kind, arg)``; each kind does something slow, or fails to end.
 
     * ``("sleep", s)`` awaits ``s`` seconds; its ``finally`` puts ``("finally", s)``;
+    * ``("stubborn", s)`` awaits ``s`` seconds, swallows a cancellation, replies "late";
     * ``("block", s)`` blocks the loop with ``time.sleep(s)``;
     * ``("echo", x)`` replies ``x`` (and puts ``("echo", x, pid)``);
     * ``("pid", _)`` replies with the process id;
@@ -32,6 +35,10 @@ class Slow(looppool.SafeWorker):
             finally:
                 self.put_result(("finally", arg))
             return "slept"
+        if kind == "stubborn":
+            with contextlib.suppress(asyncio.CancelledError):  # it ignores its deadline
+                await asyncio.sleep(arg)
+            return "late"
         if kind == "block":
             time.sleep(arg)  # noqa: ASYNC251 (blocking the loop is the point)
             return "blocked"
@@ -50,6 +57,14 @@ class Slow(looppool.SafeWorker):
                 await self.put_result_wait((i, b"x" * size))
             return count
         raise ValueError(f"unknown kind {kind!r}")
+
+
+class SlowFinalise(Slow):
+    """Slow, with a ``finalise()`` that takes 1.5 s (awaiting) and then logs "finalised"."""
+
+    async def finalise(self) -> None:
+        await asyncio.sleep(1.5)
+        logging.getLogger("tests.limit_workers").warning("finalised")
 
 
 class SlowWorker(Slow, looppool.Worker):

@@ -172,3 +172,27 @@ async def test_put_result_wait_delivers_everything_to_a_slow_consumer(
                     break
             assert await reply == count
     assert got == list(range(count))
+
+
+async def test_a_consumer_that_puts_from_its_loop_does_not_deadlock(make: Any) -> None:
+    """The crawler pattern: each result read puts new messages; max_results does not stall it."""
+    total, per = 300, 5  # messages, and results each one puts
+    pool = make(lw.Slow, max_results=10, max_pending=20)
+    seen = 0
+    stopping: asyncio.Future[None] | None = None
+    async with asyncio.timeout(60):
+        await pool.start()
+        put = 0
+        for _ in range(20):
+            await pool.put(("results", (per, 10)))
+            put += 1
+        async for _ in pool.results():
+            seen += 1
+            if put < total:
+                await pool.put(("results", (per, 10)))  # waits for room, in the reading task
+                put += 1
+            elif stopping is None:
+                stopping = asyncio.ensure_future(pool.stop())
+        assert stopping is not None
+        await stopping
+    assert seen == total * per

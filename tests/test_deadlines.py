@@ -86,6 +86,15 @@ async def test_message_timeout_cancels_the_handler_and_fails_the_message(
     assert ("finally", 3600) in seen
 
 
+async def test_a_handler_that_swallows_its_deadline_still_times_out(make: Any) -> None:
+    """A handler that catches its deadline's CancelledError and returns: MessageTimeout still."""
+    async with make(lw.Slow) as pool:
+        with pytest.raises(looppool.MessageTimeout):
+            await pool.submit(("stubborn", 3600), timeout=0.1)
+        assert await pool.submit(("echo", 2)) == 2
+        assert (pool.stats().timed_out, pool.stats().processed) == (1, 1)
+
+
 async def test_timeout_per_call_overrides_the_pools(
     make: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -154,6 +163,18 @@ async def test_a_stopped_process_is_replaced_and_its_message_sent_again(
     assert any("sent no stack" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_slow_finalise_is_not_a_hang(
+    make_process: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A finalise() that awaits longer than hang_timeout runs to its end; nothing is killed."""
+    caplog.set_level(logging.WARNING)
+    async with make_process(lw.SlowFinalise, hang_timeout=0.5) as pool:
+        assert await pool.submit(("echo", 1)) == 1
+    assert pool.stats().hung == 0
+    assert [r.getMessage() for r in caplog.records].count("[worker 0] finalised") == 1
+    assert [r.getMessage() for r in caplog.records].count("[worker 1] finalised") == 1
+
+
 async def test_stop_with_a_timeout_ends_a_stopped_worker(make_process: Any) -> None:
     """stop(timeout=1) returns within a bound although a worker is SIGSTOPped; no process left."""
     pool = make_process(lw.Slow)
@@ -190,6 +211,20 @@ async def test_recycling_after_n_messages_loses_nothing(
     assert runs == Counter(range(count))  # every message once, none twice
     if pool.pids != (None, None):  # a process pool: new processes took over
         assert len(pids) > 2
+
+
+async def test_recycling_below_a_batch_of_slow_messages_makes_progress(
+    make_process: Any, worker_class: Any, distribution: str
+) -> None:
+    """A limit smaller than what a worker holds: each message still runs once (no restart loop)."""
+    count = 20
+    pool = make_process(worker_class, max_messages_per_worker=5, distribution=distribution)
+    async with pool, asyncio.timeout(60):
+        replies = await asyncio.gather(*(pool.submit(("sleep", 0.3)) for _ in range(count)))
+    stats = pool.stats()  # (a retirement is counted once its worker has left)
+    assert replies == ["slept"] * count
+    assert (stats.processed, stats.lost, stats.failed) == (count, 0, 0)
+    assert stats.recycled >= 1
 
 
 async def test_recycling_after_rss_limit(make_process: Any, distribution: str) -> None:

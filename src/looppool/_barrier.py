@@ -48,7 +48,7 @@ class Host(Protocol):
     @property
     def _accepting_respawns(self) -> bool: ...
 
-    def _tell_all_to_stop(self) -> None: ...
+    def _tell_all_to_stop(self, cancel: bool | None = None) -> None: ...
 
     def _respawn(self, slot: Any, death: bool = True) -> None: ...
 
@@ -223,7 +223,11 @@ class BarrierDistribution(Distribution):
             "pool %s: restarting every worker (distribution='barrier' cannot replace one)",
             self._host.name,
         )
-        self._host._tell_all_to_stop()
+        # A retirement lets every worker finish what it holds, whatever its
+        # class: cancelling a plain Worker's messages to send them again
+        # would restart them for ever when the next generation retires as
+        # soon (max_messages_per_worker below a batch) - no progress at all.
+        self._host._tell_all_to_stop(cancel=None if death else False)
 
     def _maybe_finish_generation(self) -> None:
         """Once the old generation has exited, start a new one and send again what it left."""

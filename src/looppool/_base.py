@@ -172,6 +172,8 @@ class PoolBase(abc.ABC, Generic[S]):
     """The state of a pool and the contract of its transport (see the module's docstring)."""
 
     _noun = "worker"  # what a worker is called in messages: "worker", "actor"
+    # Why a hung worker's log has no stack (a transport may know better).
+    _no_stack = "it sent no stack: a process stopped by a signal, or stuck outside Python"
     # How replies and results are decoded (InlinePool(pickle=False): as they are).
     _loads: Callable[[Any], Any] = staticmethod(pickle.loads)
 
@@ -380,7 +382,7 @@ class PoolBase(abc.ABC, Generic[S]):
         """The watchdog timer's tick (``_supervision``)."""
 
     @abc.abstractmethod
-    def _tell_all_to_stop(self) -> None:
+    def _tell_all_to_stop(self, cancel: bool | None = None) -> None:
         """Send STOP to every live worker (``_supervision``)."""
 
     @abc.abstractmethod

@@ -443,11 +443,13 @@ class _Runtime:
         self._start_listeners()
         cancel = await self.stop_requested
         await self.runner.finish_in_flight(cancel)
-        if heartbeat is not None:
-            heartbeat.close()
         if monitor is not None:
             await monitor.aclose()
         await self.runner.finalise()
+        # The heartbeat goes on through finalise(): a slow one (closing
+        # clients, flushing) is not a hang; one that blocks the loop is.
+        if heartbeat is not None:
+            heartbeat.close()
         self.out.add((P.EV_BYE,))
         self.out.detach()
 

@@ -61,6 +61,8 @@ class ResultStream:
         self._closed = False  # no result can come any more
         # Iterators of results() in use: someone will read what waits.
         self._consumers = 0
+        # The tasks iterating them (see is_consumer).
+        self._consumer_tasks: dict[asyncio.Task[Any], int] = {}
         #: Called each time a result is handed out (the pool resumes reading).
         self.on_consumed: Callable[[], None] | None = None
         # An async on_result: results it has finished with, and who waits for a count.
@@ -76,6 +78,10 @@ class ResultStream:
     def consumed(self) -> bool:
         """Whether something takes results out: a results() iterator, or an async on_result."""
         return self._consumers > 0 or self._task is not None
+
+    def is_consumer(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether ``task`` reads the results: it iterates results(), or runs an async on_result."""
+        return task is not None and (task in self._consumer_tasks or task is self._task)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the task that awaits an async ``on_result`` for every result."""
@@ -146,6 +152,9 @@ class ResultStream:
                 "results() on a pool made without on_result, or handle results in the callback."
             )
         self._consumers += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._consumer_tasks[task] = self._consumer_tasks.get(task, 0) + 1
         try:
             # _ready() only when the buffer is empty: a coroutine per result
             # is most of what handing one out costs.
@@ -157,6 +166,10 @@ class ResultStream:
                     self.on_consumed()
         finally:
             self._consumers -= 1
+            if task is not None:
+                left = self._consumer_tasks.pop(task) - 1
+                if left:
+                    self._consumer_tasks[task] = left
 
     async def _run_callbacks(self) -> None:
         callback = self._callback

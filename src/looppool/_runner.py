@@ -290,9 +290,16 @@ class MessageRunner:
         except Exception as exc:
             self._failed(mid, want_reply, exc)
         else:
-            self._succeeded(mid, want_reply, result)
+            expired = self._expired.pop(mid, None)
+            if expired is None:
+                self._succeeded(mid, want_reply, result)
+            else:
+                # It swallowed the cancellation at its deadline and returned
+                # anyway: late all the same, so it fails as timed out.
+                self._timed_out(mid, *expired)
         finally:
             self.tasks.pop(mid, None)
+            self._expired.pop(mid, None)  # (a handler that raised something else)
             timer = self._timers.pop(mid, None)
             if timer is not None:
                 timer.cancel()

@@ -112,7 +112,7 @@ class Sending(PoolBase[S]):
         if self._ledger.pending >= self._max_pending:
             await self._wait_for_room()
         for number in range(self._size):
-            self._accept(payload, number, None)
+            self._accept(payload, number, None, self._message_timeout)
 
     async def submit(
         self,
@@ -202,6 +202,23 @@ class Sending(PoolBase[S]):
         await fut
 
     async def _wait_for_room(self) -> None:
+        assert self._loop is not None
+        if self._stream.is_consumer(asyncio.current_task()):
+            # The task that reads the results waits for room (a crawler puts
+            # the links each page yields): while it waits nobody reads, so a
+            # max_results pause would never end, and the room it waits for
+            # needs the paused workers. Read them, as for an awaited submit().
+            self._awaiting += 1
+            try:
+                if self._paused:
+                    self._resume_all()
+                await self._wait_for_room_unpaused()
+            finally:
+                self._awaiting -= 1
+        else:
+            await self._wait_for_room_unpaused()
+
+    async def _wait_for_room_unpaused(self) -> None:
         assert self._loop is not None
         while self._ledger.pending >= self._max_pending:
             if self._phase is not Phase.RUNNING:

@@ -48,7 +48,7 @@ class Supervision(PoolBase[S]):
         where = (
             f"; its loop was {slot.stack}"
             if slot.stack
-            else " (it sent no stack: a process stopped by a signal, or stuck outside Python)"
+            else f" ({self._no_stack})"
         )
         logger.error(
             "pool %s: worker %d (pid %s) was silent for %.1f s (hang_timeout=%g): its loop "
@@ -154,7 +154,8 @@ class Supervision(PoolBase[S]):
             else:
                 self._rescue(slot, lost)
             if not self._dist.worker_ended(slot) and self._accepting_respawns:
-                self._replace(slot, death=False)
+                # A retiring worker that died is a death all the same (respawns).
+                self._replace(slot, death=farewell is not Farewell.BYE)
             return
         if previous is SlotState.STOPPING or farewell is Farewell.KILLED:
             # Told to stop (or killed by us): nothing to replace.
@@ -255,9 +256,13 @@ class Supervision(PoolBase[S]):
                 slot.farewell = Farewell.KILLED
                 self._kill(slot)
 
-    def _tell_all_to_stop(self) -> None:
-        """Send STOP to every live worker not told yet: finish (SafeWorker) or cancel (Worker)."""
-        cancel = not self._ledger.safe
+    def _tell_all_to_stop(self, cancel: bool | None = None) -> None:
+        """Send STOP to every live worker not told yet: finish (SafeWorker) or cancel (Worker).
+
+        ``cancel`` overrides what the worker class says (a barrier-mode retirement finishes).
+        """
+        if cancel is None:
+            cancel = not self._ledger.safe
         for slot in self._slots:
             if slot.alive and slot.state is not SlotState.STOPPING:
                 slot.state = SlotState.STOPPING

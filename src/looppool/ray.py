@@ -276,12 +276,13 @@ class LooppoolActor:
                 await fut
             if self._runner.worker is not None:
                 await self._runner.finish_in_flight(cancel)
-                if self._heartbeat is not None:
-                    self._heartbeat.close()
                 monitor, self._monitor = self._monitor, None
                 if monitor is not None:
                     await monitor.aclose()  # never raises
                 await self._runner.finalise()
+                # Through finalise(), as in a worker process: slow is not hung.
+                if self._heartbeat is not None:
+                    self._heartbeat.close()
         finally:
             self.add((P.EV_BYE,))
             self._close()
@@ -387,6 +388,8 @@ class RayPool(PoolCore[_ActorSlot]):
     """
 
     _noun = "actor"
+    # The driver pulls an actor's events with calls its blocked loop cannot answer.
+    _no_stack = "an actor's stack cannot be fetched while its loop is blocked"
 
     def __init__(
         self,
