@@ -229,6 +229,32 @@ def test_peers_run_or_say_why(capsys: pytest.CaptureFixture[str]) -> None:
     assert "aiomp" in out  # measured, or "not run: aiomp — aiomultiprocess is not installed"
 
 
+def test_deadlines_row_runs_w1_and_w4_beside_the_readme_path(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """looppool-deadlines (message_timeout, hang_timeout set) runs W1 and W4 only, with a ratio."""
+    from looppool._bench._registry import make_system
+
+    system = make_system("looppool-deadlines", 2, "fork")
+    assert getattr(system, "options", None) == {"message_timeout": 60, "hang_timeout": 10}
+    out_file = tmp_path / "bench.json"
+    argv = ["--quick", "--repeat", "1", "--start-method", "fork", "--workloads", "W1,W2,W4"]
+    argv += ["--systems", "looppool,looppool-deadlines", "--json", str(out_file)]
+    status = main(argv)
+    out = capsys.readouterr().out
+    assert status == 0, out
+    report = json.loads(out_file.read_text())
+    assert report["failed"] == []
+    assert report["leftover_processes"] == []
+    measured = {(r["workload"], r["system"]) for r in report["results"] if r["skipped"] is None}
+    assert measured >= {("W1", "looppool-deadlines"), ("W4", "looppool-deadlines")}
+    assert ("W2", "looppool-deadlines") not in measured
+    notes = [line for line in out.splitlines() if "looppool-deadlines ÷ looppool" in line]
+    assert len(notes) == 2
+    assert "msgs/s" in notes[0]
+    assert "p50" in notes[1]
+
+
 def test_unknown_system_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     """A misspelt system name stops at once with status 2, naming the known ones."""
     with pytest.raises(SystemExit) as info:

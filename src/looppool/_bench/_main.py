@@ -33,6 +33,7 @@ from ._registry import best_loop, entry, names
 from ._report import (
     README_PATH,
     Target,
+    cpu_mean,
     med,
     render_latency,
     render_payloads,
@@ -280,6 +281,27 @@ def _ray_notes(key: str, results: list[Result], where: str) -> list[str]:
     return lines
 
 
+def _deadline_notes(key: str, results: list[Result]) -> list[str]:
+    """A footnote: what the deadline options cost, ``looppool-deadlines`` over ``looppool``."""
+    ran = {r.system: r for r in results if r.ok}
+    with_, without = ran.get("looppool-deadlines"), ran.get(README_PATH)
+    if with_ is None or without is None:
+        return []
+    head = f"  looppool-deadlines ÷ {README_PATH} (message_timeout and hang_timeout set): "
+    if WORKLOADS[key].kind == "latency":
+        return [
+            head + f"p50 {med(with_.p50_us) / med(without.p50_us):.2f}x, "
+            f"p99 {med(with_.p99_us) / med(without.p99_us):.2f}x"
+        ]
+    if WORKLOADS[key].kind != "rate":
+        return []
+    line = head + f"msgs/s {med(with_.rate) / med(without.rate):.2f}x"
+    cpu, base = cpu_mean(with_), cpu_mean(without)
+    if cpu is not None and base:  # psutil counts in 10 ms ticks: a quick run may read 0
+        line += f", CPU/msg {cpu / base:.2f}x ({cpu - base:+.1f} µs)"
+    return [line]
+
+
 def _sections(args: argparse.Namespace, run: _Run) -> list[list[str]]:
     sections = []
     for key, results in run.by_workload.items():
@@ -290,7 +312,9 @@ def _sections(args: argparse.Namespace, run: _Run) -> list[list[str]]:
             section = render_payloads(workload, results, run.payload_notes)
         else:
             section = render_stream(workload, run.counts[key], results)
-        sections.append(section + _ray_notes(key, results, run.ray_where))
+        sections.append(
+            section + _deadline_notes(key, results) + _ray_notes(key, results, run.ray_where)
+        )
     if run.scaling:
         sections.append(render_scaling(args.scaling_system, run.counts, run.scaling))
     return sections

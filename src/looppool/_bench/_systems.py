@@ -56,10 +56,14 @@ class ReadmeSystem(System):
     Streams: one task awaits ``pool.put(x)`` for every message while another
     runs ``async for r in pool.results()`` (the handler calls
     ``self.put_result``); round trips: ``await pool.submit(x)``.
+    ``options``: Pool options set beyond the defaults, for a row that
+    measures what they cost (``looppool-deadlines``).
     """
 
-    def __init__(self, name: str, size: int, start_method: str | None) -> None:
+    def __init__(self, name: str, size: int, start_method: str | None, **options: Any) -> None:
         super().__init__(name, size, start_method)
+        #: Pool options beyond the defaults (``looppool-deadlines``: the deadline options).
+        self.options = options
         self._pool: Any = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -69,7 +73,10 @@ class ReadmeSystem(System):
     async def start(self, handler: str, reply: bool) -> None:
         stream_cls, reply_cls = _handlers.README_WORKERS[handler]
         self._pool = _looppool().Pool(
-            reply_cls if reply else stream_cls, size=self.size, start_method=self.start_method
+            reply_cls if reply else stream_cls,
+            size=self.size,
+            start_method=self.start_method,
+            **self.options,
         )
         await self._pool.start()
         if not reply:
@@ -429,6 +436,15 @@ def _register() -> None:
         ReadmeSystem,
         family="looppool",
         kind="async def",
+    )
+    register(
+        "looppool-deadlines",
+        "the looppool row with message_timeout=60, hang_timeout=10 (issue 12's options: "
+        "what a deadline per message and the hung-worker watchdog cost; W1 and W4)",
+        functools.partial(ReadmeSystem, message_timeout=60, hang_timeout=10),
+        family="looppool",
+        kind="async def",
+        workloads=frozenset({"W1", "W4"}),
     )
     register(
         "limit",
