@@ -4,10 +4,12 @@
     python examples/typed_usage.py
     mypy --strict examples/typed_usage.py
 
-Workers take and return typed values; what crosses the process boundary is
-typed ``Any`` by the pool (it is whatever the worker sent), so the parent
-narrows it once, where it arrives (``isinstance`` on results, a typed
-variable for replies).
+A worker says its types as ``SafeWorker[Message, Reply, Result]``: what
+``process_message`` takes, what it returns (``submit()``'s reply) and what
+``put_result`` sends (what ``results()`` yields). A pool of it carries them:
+``Pool(WordCounter)`` is a ``Pool[Job, int, WordCount]``, so mypy checks the
+messages put and knows the replies and results (``assert_type`` below). A
+worker that says nothing is ``Any`` throughout.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from typing import assert_type
 
 import looppool
 
@@ -38,7 +41,7 @@ class WordCount:
     worker: int
 
 
-class WordCounter(looppool.SafeWorker):
+class WordCounter(looppool.SafeWorker[Job, int, WordCount]):
     """Counts words; puts a :class:`WordCount`, replies with the number of words."""
 
     def __init__(self, top: int = 3) -> None:
@@ -62,18 +65,18 @@ class WordCounter(looppool.SafeWorker):
         """Nothing to close."""
 
 
-async def collect(pool: looppool.Pool) -> list[WordCount]:
-    """Every result of ``pool``, narrowed to :class:`WordCount`."""
+async def collect(pool: looppool.Pool[Job, int, WordCount]) -> list[WordCount]:
+    """Every result of ``pool``: typed ``WordCount`` by the worker's declaration."""
     counts: list[WordCount] = []
     async for result in pool.results():
-        assert isinstance(result, WordCount), result
+        assert_type(result, WordCount)
         counts.append(result)
     return counts
 
 
 async def main() -> int:
     """Count words in a few jobs; show a reply, results, a remote error and the stats."""
-    factory: looppool.WorkerFactory = functools.partial(WordCounter, top=2)
+    factory = functools.partial(WordCounter, top=2)
     jobs = [
         Job("fox", "the quick brown fox jumps over the lazy dog the end"),
         Job("pool", "a pool of loops a loop per process a process per core"),
@@ -81,7 +84,9 @@ async def main() -> int:
     ]
     async with looppool.Pool(factory, size=2, loop="asyncio", concurrency=8) as pool:
         greeting = Job("greeting", "hello hello world")
-        words: int = await pool.submit(greeting)
+        assert_type(pool, looppool.Pool[Job, int, WordCount])
+        words = await pool.submit(greeting)
+        assert_type(words, int)
         print(f"{greeting.name}: {words} words (a reply from submit)")
         try:
             await pool.submit(Job("empty", ""))
@@ -138,8 +143,15 @@ async def functions() -> int:
     return 0 if totals == [4, 4, 1] else 1
 
 
-async def _typing_is_checked(pool: looppool.Pool) -> None:
+async def _typing_is_checked(
+    pool: looppool.Pool, counter: looppool.Pool[Job, int, WordCount]
+) -> None:
     """Never run: lines mypy must reject (``--strict`` fails on an ignore that is not needed)."""
+    await counter.put("not a job")  # type: ignore[arg-type]
+    text: str = await counter.submit(Job("a", "b"))  # type: ignore[assignment]
+    async for count in counter.results():
+        count.missing  # type: ignore[attr-defined]  # noqa: B018
+    print(text)
     wrong: str = await pool.run(word_total, "a b")  # type: ignore[call-overload]
     await pool.run(word_total, 3)  # type: ignore[call-overload]
     await pool.run(repeat, "a")  # type: ignore[call-overload]

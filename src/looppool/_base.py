@@ -38,7 +38,7 @@ from ._errors import (
 )
 from ._ledger import Ledger, Msg, Outcome, Slot
 from ._results import ResultCallback, ResultStream
-from ._worker import Worker
+from ._worker import MessageT, ReplyT, ResultT, Worker
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -168,7 +168,7 @@ class WorkerSlot(Slot):
 S = TypeVar("S", bound=WorkerSlot)
 
 
-class PoolBase(abc.ABC, Generic[S]):
+class PoolBase(abc.ABC, Generic[S, MessageT, ReplyT, ResultT]):
     """The state of a pool and the contract of its transport (see the module's docstring)."""
 
     _noun = "worker"  # what a worker is called in messages: "worker", "actor"
@@ -179,7 +179,8 @@ class PoolBase(abc.ABC, Generic[S]):
 
     def __init__(
         self,
-        worker: type[Worker] | Callable[[], Worker],
+        worker: type[Worker[MessageT, ReplyT, ResultT]]
+        | Callable[[], Worker[MessageT, ReplyT, ResultT]],
         size: int,
         *,
         concurrency: int,

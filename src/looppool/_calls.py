@@ -12,13 +12,14 @@ from collections.abc import (
     Callable,
     Iterable,
 )
-from typing import Any, ParamSpec, TypeVar, TypeVarTuple, overload
+from typing import Any, ParamSpec, TypeVar, TypeVarTuple, cast, overload
 
 from . import _functions
 from ._base import (
     S,
 )
 from ._sending import Sending
+from ._worker import MessageT, ReplyT, ResultT
 
 # The types of run(), map() and starmap(): a function's parameters, its
 # arguments, and what it returns (an async function's awaitable unwrapped).
@@ -28,8 +29,14 @@ ArgsTs = TypeVarTuple("ArgsTs")
 R = TypeVar("R")
 
 
-class FunctionCalls(Sending[S]):
+class FunctionCalls(Sending[S, MessageT, ReplyT, ResultT]):
     """``run``, ``map`` and ``starmap``, on ``submit()``."""
+
+    @property
+    def _submit_call(self) -> Callable[[Any], Awaitable[Any]]:
+        # submit() of a FunctionWorker pool: its messages are calls, its
+        # replies what they return (the pool's own types say Any there).
+        return cast("Callable[[Any], Awaitable[Any]]", self.submit)
 
     @overload
     async def run(
@@ -50,7 +57,7 @@ class FunctionCalls(Sending[S]):
         raises :exc:`TypeError` here). On a pool of another worker, raises
         :exc:`TypeError`.
         """
-        return await self.submit(_functions.make_call(self._factory, fn, args, kwargs))
+        return await self._submit_call(_functions.make_call(self._factory, fn, args, kwargs))
 
     @overload
     def map(
@@ -94,7 +101,7 @@ class FunctionCalls(Sending[S]):
         happen at once rather than when the iterator is collected).
         """
         return _functions.map_calls(
-            self.submit,
+            self._submit_call,
             self._factory,
             fn,
             iterable,
@@ -135,7 +142,7 @@ class FunctionCalls(Sending[S]):
     ) -> AsyncGenerator[Any, None]:
         """:meth:`map` for functions of several arguments: yield ``fn(*args)`` for each tuple."""
         return _functions.map_calls(
-            self.submit,
+            self._submit_call,
             self._factory,
             fn,
             iterable,

@@ -41,6 +41,7 @@ from ._calls import FunctionCalls
 from ._lifecycle import LifeCycle
 from ._receiving import Receiving
 from ._supervision import Supervision
+from ._worker import MessageT, ReplyT, ResultT
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -58,5 +59,10 @@ __all__ = [
 ]
 
 
-class PoolCore(LifeCycle[S], FunctionCalls[S], Receiving[S], Supervision[S]):
+class PoolCore(
+    LifeCycle[S, MessageT, ReplyT, ResultT],
+    FunctionCalls[S, MessageT, ReplyT, ResultT],
+    Receiving[S, MessageT, ReplyT, ResultT],
+    Supervision[S, MessageT, ReplyT, ResultT],
+):
     """The parent API and its life cycle; a transport subclass starts, feeds and watches workers."""

@@ -20,9 +20,10 @@ from ._errors import (
     PoolClosed,
     WorkerStartError,
 )
+from ._worker import MessageT, ReplyT, ResultT
 
 
-class LifeCycle(PoolBase[S]):
+class LifeCycle(PoolBase[S, MessageT, ReplyT, ResultT]):
     """start(), stop() and ``async with``: the phases of a pool."""
 
     async def __aenter__(self) -> Self:

@@ -53,7 +53,7 @@ from ._errors import WorkerLost, describe_exit
 from ._ledger import Msg, SlotState
 from ._monitor import monitor_options
 from ._pipes import PipeWriter
-from ._worker import Worker
+from ._worker import MessageT, ReplyT, ResultT, Worker
 
 __all__ = ["Pool", "PoolStats"]
 
@@ -81,7 +81,7 @@ class _ProcSlot(WorkerSlot):
         self.eof = False  # its result pipe has ended
 
 
-class Pool(PoolCore[_ProcSlot]):
+class Pool(PoolCore[_ProcSlot, MessageT, ReplyT, ResultT]):
     """A pool of worker processes, each running its own event loop.
 
     ::
@@ -133,7 +133,8 @@ class Pool(PoolCore[_ProcSlot]):
 
     def __init__(
         self,
-        worker: type[Worker] | Callable[[], Worker],
+        worker: type[Worker[MessageT, ReplyT, ResultT]]
+        | Callable[[], Worker[MessageT, ReplyT, ResultT]],
         size: int | None = None,
         *,
         loop: LoopKind = "auto",

@@ -31,9 +31,10 @@ from ._errors import (
     RemoteError,
 )
 from ._ledger import Outcome, SlotState
+from ._worker import MessageT, ReplyT, ResultT
 
 
-class Receiving(PoolBase[S]):
+class Receiving(PoolBase[S, MessageT, ReplyT, ResultT]):
     """Events from the workers, and ``max_results``."""
 
     def _dispatch(self, slot: S, items: list[tuple[Any, ...]]) -> None:
@@ -151,7 +152,7 @@ class Receiving(PoolBase[S]):
             self._dist.isolation_over()
         # The caller, _dispatch, wakes the waiters (_after_end) and the pump once per frame.
 
-    def results(self) -> AsyncIterator[Any]:
+    def results(self) -> AsyncIterator[ResultT]:
         """Yield every result the workers put; end once the pool stopped and all were yielded.
 
         ``results()`` ends only after :meth:`stop` (``drain()`` does not end

@@ -29,9 +29,10 @@ from ._errors import (
     QueueFull,
 )
 from ._ledger import Msg, NoWorkerLeft
+from ._worker import MessageT, ReplyT, ResultT
 
 
-class Sending(PoolBase[S]):
+class Sending(PoolBase[S, MessageT, ReplyT, ResultT]):
     """The calls that send messages, wait for room, and wait for them to end."""
 
     def _pickle(self, message: Any) -> Any:
@@ -64,7 +65,7 @@ class Sending(PoolBase[S]):
 
     async def put(
         self,
-        message: Any,
+        message: MessageT,
         *,
         worker: int | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (the message's deadline in the worker)
@@ -87,7 +88,7 @@ class Sending(PoolBase[S]):
         self._accept(payload, worker, None, timeout)
 
     def put_nowait(
-        self, message: Any, *, worker: int | None = None, timeout: float | None = None
+        self, message: MessageT, *, worker: int | None = None, timeout: float | None = None
     ) -> None:
         """Send a message, or raise :class:`~looppool.QueueFull` if ``max_pending`` are pending."""
         self._check_target(worker)
@@ -106,7 +107,7 @@ class Sending(PoolBase[S]):
             return self._message_timeout
         return check_seconds("timeout", timeout)
 
-    async def broadcast(self, message: Any) -> None:
+    async def broadcast(self, message: MessageT) -> None:
         """Send a message to every worker, each exactly once."""
         payload = self._pickle(message)
         if self._ledger.pending >= self._max_pending:
@@ -116,11 +117,11 @@ class Sending(PoolBase[S]):
 
     async def submit(
         self,
-        message: Any,
+        message: MessageT,
         *,
         worker: int | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (the message's deadline in the worker)
-    ) -> Any:
+    ) -> ReplyT:
         """Send a message and return what ``process_message`` returned for it.
 
         If the handler raised, the same exception is raised here with the
@@ -142,7 +143,7 @@ class Sending(PoolBase[S]):
         if self._ledger.pending >= self._max_pending:
             await self._wait_for_room()
         assert self._loop is not None
-        future: asyncio.Future[Any] = self._loop.create_future()
+        future: asyncio.Future[ReplyT] = self._loop.create_future()
         msg = self._accept(payload, worker, future, timeout)
         self._awaiting += 1
         if self._paused:

@@ -23,9 +23,10 @@ from ._errors import (
     WorkerStartError,
 )
 from ._ledger import Outcome, SlotState
+from ._worker import MessageT, ReplyT, ResultT
 
 
-class Supervision(PoolBase[S]):
+class Supervision(PoolBase[S, MessageT, ReplyT, ResultT]):
     """Deaths, hangs (``hang_timeout``), recycling and replacements."""
 
     def _watch(self) -> None:
@@ -45,11 +46,7 @@ class Supervision(PoolBase[S]):
 
     def _hung(self, slot: S, silent: float) -> None:
         self._ledger.counts.hung += 1
-        where = (
-            f"; its loop was {slot.stack}"
-            if slot.stack
-            else f" ({self._no_stack})"
-        )
+        where = f"; its loop was {slot.stack}" if slot.stack else f" ({self._no_stack})"
         logger.error(
             "pool %s: worker %d (pid %s) was silent for %.1f s (hang_timeout=%g): its loop "
             "is blocked or its process stopped; killing it%s",

@@ -6,11 +6,32 @@ This module is imported by every worker process, so it stays light.
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Generic
 
-__all__ = ["HookNameWarning", "SafeWorker", "Worker", "WorkerFactory"]
+if sys.version_info >= (3, 13):
+    from typing import TypeVar
+else:  # TypeVar(default=...) (PEP 696) is in typing from 3.13
+    from typing_extensions import TypeVar
+
+__all__ = [
+    "HookNameWarning",
+    "MessageT",
+    "ReplyT",
+    "ResultT",
+    "SafeWorker",
+    "Worker",
+    "WorkerFactory",
+]
+
+# A worker's types: what process_message takes, what it returns (submit()'s
+# reply) and what put_result sends (what results() yields). Unsaid, each is
+# Any, so `class W(looppool.Worker)` passes mypy --strict as it is.
+MessageT = TypeVar("MessageT", default=Any)
+ReplyT = TypeVar("ReplyT", default=Any)
+ResultT = TypeVar("ResultT", default=Any)
 
 #: The hooks the runtime calls, by name (British spelling).
 HOOKS: Final = ("initialise", "process_message", "finalise")
@@ -119,8 +140,15 @@ def _unattached(value: Any) -> None:
     )
 
 
-class Worker:
+class Worker(Generic[MessageT, ReplyT, ResultT]):
     """Base class of a pool's workers; subclass it and override the hooks.
+
+    ``Worker[Message, Reply, Result]`` says what the worker takes and sends:
+    a pool of it types ``put``/``submit``'s message, ``submit``'s reply and
+    what ``results()`` yields accordingly (each is ``Any`` when unsaid)::
+
+        class Fetch(looppool.SafeWorker[str, int, tuple[str, int]]):
+            async def process_message(self, url: str) -> int: ...
 
     Each hook may be a plain method or a coroutine method; all of them run on
     the worker process's event loop:
@@ -167,7 +195,7 @@ class Worker:
         """Prepare the worker (open clients, load tables); may be ``async``."""
         return None
 
-    def process_message(self, message: Any) -> Any:
+    def process_message(self, message: MessageT) -> ReplyT | Awaitable[ReplyT]:
         """Process one message; may be ``async``. Must be overridden."""
         raise NotImplementedError(
             f"{type(self).__qualname__} must override process_message(self, message)"
@@ -177,7 +205,7 @@ class Worker:
         """Release what :meth:`initialise` acquired; may be ``async``."""
         return None
 
-    def put_result(self, value: Any) -> None:
+    def put_result(self, value: ResultT) -> None:
         """Send one result to the parent's ``results()`` (or ``on_result``).
 
         Never blocks. The value is pickled at once, so a value that cannot be
@@ -185,7 +213,7 @@ class Worker:
         """
         self._looppool_sink(value)
 
-    async def put_result_wait(self, value: Any) -> None:
+    async def put_result_wait(self, value: ResultT) -> None:
         """Send one result, then wait while the parent is behind in reading them.
 
         Like :meth:`put_result`, then, if more than a few megabytes of this
@@ -202,7 +230,7 @@ class Worker:
         return f"<{type(self).__qualname__} number={self.number}>"
 
 
-class SafeWorker(Worker):
+class SafeWorker(Worker[MessageT, ReplyT, ResultT]):
     """A :class:`Worker` whose stop loses nothing.
 
     On ``Pool.stop()``, every message put before the stop is processed, and

@@ -90,7 +90,7 @@ from ._errors import WorkerLost
 from ._ledger import Msg, SlotState
 from ._monitor import WorkerMonitor, monitor_options
 from ._runner import Heartbeat, MessageRunner
-from ._worker import Worker
+from ._worker import MessageT, ReplyT, ResultT, Worker
 
 __all__ = ["RESERVED_OPTIONS", "RayPool"]
 
@@ -341,7 +341,7 @@ class _ActorSlot(WorkerSlot):
         self.flowing.set()
 
 
-class RayPool(PoolCore[_ActorSlot]):
+class RayPool(PoolCore[_ActorSlot, MessageT, ReplyT, ResultT]):
     """A pool of Ray async actors, each hosting one :class:`~looppool.Worker`.
 
     The parent API is :class:`looppool.Pool`'s::
@@ -393,7 +393,8 @@ class RayPool(PoolCore[_ActorSlot]):
 
     def __init__(
         self,
-        worker: type[Worker] | Callable[[], Worker],
+        worker: type[Worker[MessageT, ReplyT, ResultT]]
+        | Callable[[], Worker[MessageT, ReplyT, ResultT]],
         size: int,
         *,
         address: str | None = None,

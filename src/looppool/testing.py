@@ -64,7 +64,7 @@ from ._errors import WorkerLost
 from ._ledger import Msg, SlotState
 from ._pool import Pool
 from ._runner import MessageRunner
-from ._worker import Worker
+from ._worker import MessageT, ReplyT, ResultT, Worker
 
 if TYPE_CHECKING:
     import psutil
@@ -112,7 +112,7 @@ class _InlineSlot(WorkerSlot):
         self.stop_requested: asyncio.Future[bool] | None = None
 
 
-class InlinePool(PoolCore[_InlineSlot]):
+class InlinePool(PoolCore[_InlineSlot, MessageT, ReplyT, ResultT]):
     """A stand-in for :class:`looppool.Pool` that runs its workers in this process.
 
     ``InlinePool(worker, size=1, *, concurrency=..., max_pending=...,
@@ -155,7 +155,8 @@ class InlinePool(PoolCore[_InlineSlot]):
 
     def __init__(
         self,
-        worker: type[Worker] | Callable[[], Worker],
+        worker: type[Worker[MessageT, ReplyT, ResultT]]
+        | Callable[[], Worker[MessageT, ReplyT, ResultT]],
         size: int | None = 1,
         *,
         concurrency: int = DEFAULT_CONCURRENCY,
@@ -306,11 +307,12 @@ class PoolFactory(Protocol):
 
     def __call__(
         self,
-        worker: type[Worker] | Callable[[], Worker],
+        worker: type[Worker[MessageT, ReplyT, ResultT]]
+        | Callable[[], Worker[MessageT, ReplyT, ResultT]],
         /,
         size: int | None = None,
         **options: Any,
-    ) -> Awaitable[Pool]:
+    ) -> Awaitable[Pool[MessageT, ReplyT, ResultT]]:
         """Make and start a ``looppool.Pool``; the fixture stops it at teardown."""
         ...
 
@@ -319,8 +321,13 @@ class InlinePoolFactory(Protocol):
     """The type of the ``inline_pool_factory`` fixture, for annotations."""
 
     def __call__(
-        self, worker: type[Worker] | Callable[[], Worker], /, size: int | None = 1, **options: Any
-    ) -> Awaitable[InlinePool]:
+        self,
+        worker: type[Worker[MessageT, ReplyT, ResultT]]
+        | Callable[[], Worker[MessageT, ReplyT, ResultT]],
+        /,
+        size: int | None = 1,
+        **options: Any,
+    ) -> Awaitable[InlinePool[MessageT, ReplyT, ResultT]]:
         """Make and start an :class:`InlinePool`; the fixture stops it at teardown."""
         ...
 
