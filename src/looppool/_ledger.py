@@ -258,10 +258,18 @@ class Ledger:
             slot = slots[number]
             # Slot.dealable, spelt out (this runs for every message dealt): a
             # property call and two global look-ups cost more than the test.
-            if (slot.state is _READY and not slot.isolating and not slot.suspects) or not any(
-                slots[n].dealable for n in dealt
-            ):
+            if slot.state is _READY and not slot.isolating and not slot.suspects:
                 return number
+            if any(slots[n].dealable for n in dealt):
+                continue  # skipped: a later worker of this round takes it
+            if any(s.dealable for s in slots):
+                # Nobody left in this round can take it, but a worker served
+                # earlier in it can: a new round begins (the workers being
+                # replaced get theirs once ready) rather than the message
+                # waiting for a replacement while a worker is idle.
+                dealt.clear()
+                continue
+            return number  # nobody can take it now: it waits with this one
 
     def _deal_round(self) -> None:
         # A worker running a suspect group alone is skipped, as one being
