@@ -197,7 +197,7 @@ class PoolCore(abc.ABC, Generic[S]):
 
     _noun = "worker"  # what a worker is called in messages: "worker", "actor"
     # How replies and results are decoded (InlinePool(pickle=False): as they are).
-    _loads: Callable[[Any], Any] = staticmethod(pickle.loads)
+    _loads: Callable[[Any], Any] = staticmethod(P.loads)
 
     def __init__(
         self,
@@ -496,7 +496,7 @@ class PoolCore(abc.ABC, Generic[S]):
         if self._phase is not _RUNNING:
             self._raise_closed()
         try:
-            return pickle.dumps(message, P.PROTOCOL)
+            return P.dumps(message)  # large buffers out of band, snapshotted now
         except Exception as exc:
             raise TypeError(
                 f"the message {short_repr(message)} cannot be pickled, so it cannot be "
