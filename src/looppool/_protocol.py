@@ -156,6 +156,10 @@ def _as_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
     return memoryview(view)
 
 
+#: Types whose values hold no buffer: pickled by the plain call.
+_NO_BUFFERS: Final = frozenset({int, str, float, bool, type(None), complex})
+
+
 def dumps(value: Any) -> bytes | Payload:
     """Pickle a message, result or reply: bytes, or a :class:`Payload` if it holds large buffers.
 
@@ -166,6 +170,8 @@ def dumps(value: Any) -> bytes | Payload:
     copied once; a ``bytes`` object's memory cannot change and is not copied.
     """
     kind = type(value)
+    if kind in _NO_BUFFERS:
+        return pickle.dumps(value, PROTOCOL)  # the plain call: buffer_callback costs ~0.2 µs
     if kind is bytes or kind is bytearray:
         if len(value) < OOB_THRESHOLD:
             return pickle.dumps(value, PROTOCOL)
