@@ -175,7 +175,7 @@ class PoolBase(abc.ABC, Generic[S, MessageT, ReplyT, ResultT]):
     # Why a hung worker's log has no stack (a transport may know better).
     _no_stack = "it sent no stack: a process stopped by a signal, or stuck outside Python"
     # How replies and results are decoded (InlinePool(pickle=False): as they are).
-    _loads: Callable[[Any], Any] = staticmethod(pickle.loads)
+    _loads: Callable[[Any], Any] = staticmethod(P.loads)
 
     def __init__(
         self,

@@ -162,6 +162,17 @@ _EV_DONE: Final = P.EV_DONE
 _DONE_OK: Final = P.DONE_OK
 
 
+def _unfolded(items: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """``items`` with each EV_RESULTS item unfolded into its EV_RESULTs."""
+    out: list[tuple[Any, ...]] = []
+    for item in items:
+        if item[0] == P.EV_RESULTS:
+            out += [(P.EV_RESULT, payload) for payload in item[1]]
+        else:
+            out.append(item)
+    return out
+
+
 class Outbox:
     """Collects what the worker sends and writes it as one frame per loop turn.
 
@@ -193,7 +204,7 @@ class Outbox:
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self._unsent = bytearray()
+        self._unsent = P.Unsent()
         self._watching = False  # add_writer is on
         self.over = False
         #: Called on the loop when ``over`` turns false again.
@@ -216,9 +227,9 @@ class Outbox:
             self._watching = False
             with contextlib.suppress(OSError):
                 os.set_blocking(self._fd, True)
-                if self._unsent:
-                    P.write_all(self._fd, self._unsent)
-            self._unsent = bytearray()
+                while self._unsent:
+                    self._unsent.write(self._fd)
+            self._unsent = P.Unsent()
         self.flush()
 
     def add(self, item: tuple[Any, ...]) -> None:
@@ -271,37 +282,42 @@ class Outbox:
             self._close_runs()
             items, self._items = self._items, []
             if items:
-                self._write(P.encode(items))
+                frame = P.encode(items)
+                if type(frame) is list:
+                    # Large payloads: a frame per result or reply, so that the
+                    # parent takes each as soon as it has read it.
+                    frame = P.encode_each(_unfolded(items))
+                self._write(frame)
 
     def send_now(self, item: tuple[Any, ...]) -> None:
         """Write one item at once, from any thread (the hang watcher: the loop may be stuck)."""
         with self._lock:
             self._write(P.encode([item]))
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: P.Frame) -> None:
         # Called with the lock held.
         self.last_write = time.monotonic()
         loop = self._loop
         try:
             if loop is None:
-                P.write_all(self._fd, data)
+                P.write_frame_all(self._fd, data)
                 return
             if self._unsent:
-                self._unsent += data  # behind what waits: order matters
+                self._unsent.add(data)  # behind what waits: order matters
             else:
-                try:
-                    written = os.write(self._fd, data)
-                except BlockingIOError:
-                    written = 0
-                if written == len(data):
+                written = P.write_frame(self._fd, data)
+                if type(data) is bytes and written == len(data):
                     return
-                self._unsent += memoryview(data)[written:]
+                # Out-of-band buffers wait as views of the payload, not copies.
+                self._unsent.add(data, written)
+                if not self._unsent:
+                    return
         except OSError:
             # EPIPE: the parent is gone (the parent watcher ends this
             # process); nothing can be sent any more.
-            self._unsent = bytearray()
+            self._unsent = P.Unsent()
             return
-        if len(self._unsent) > OUTBOX_LIMIT:
+        if self._unsent.nbytes > OUTBOX_LIMIT:
             self.over = True
         if not self._watching:
             self._watching = True
@@ -314,17 +330,16 @@ class Outbox:
     def _on_writable(self) -> None:
         with self._lock:
             try:
-                written = os.write(self._fd, self._unsent)
+                self._unsent.write(self._fd)
             except BlockingIOError:
                 return
             except OSError:
-                written = len(self._unsent)  # the parent is gone: drop it
-            del self._unsent[:written]
+                self._unsent.clear()  # the parent is gone: drop it
             if not self._unsent:
                 assert self._loop is not None
                 self._loop.remove_writer(self._fd)
                 self._watching = False
-            room = self.over and len(self._unsent) <= OUTBOX_LIMIT // 2
+            room = self.over and self._unsent.nbytes <= OUTBOX_LIMIT // 2
             if room:
                 self.over = False
         if room:

@@ -26,7 +26,7 @@ from typing import Any
 from . import _protocol as P
 
 #: A shared-queue item: ``(id, want_reply, payload, needs, timeout, trace)``.
-SharedItem = tuple[int, bool, bytes, tuple[int, ...], float | None, Any]
+SharedItem = tuple[int, bool, Any, tuple[int, ...], float | None, Any]
 
 
 class PipeWriter:
@@ -38,35 +38,35 @@ class PipeWriter:
         os.set_blocking(fd, False)
         self._loop = loop
         self._fd = fd
-        self._out = bytearray()
+        self._out = P.Unsent()
 
-    def write(self, data: bytes) -> bool:
-        """Write ``data`` now, or after what waits; False if the reader is gone."""
+    def write(self, data: P.Frame) -> bool:
+        """Write the frame ``data`` now, or after what waits; False if the reader is gone."""
         if self._fd < 0:
             return False
         if self._out:
             # Something waits already: order matters, so this waits behind it.
-            self._out += data
+            self._out.add(data)
             return True
         try:
-            written = os.write(self._fd, data)
-        except BlockingIOError:
-            written = 0
+            written = P.write_frame(self._fd, data)
         except OSError:
             return False  # EPIPE: every reader is gone (the pool learns why elsewhere)
-        if written < len(data):
-            self._out += memoryview(data)[written:]
-            self._loop.add_writer(self._fd, self._on_writable)
+        if type(data) is not bytes or written < len(data):
+            # A frame of pieces (out-of-band buffers) was written in part, or
+            # not: what is left waits (add() skips what was written).
+            self._out.add(data, written)
+            if self._out:
+                self._loop.add_writer(self._fd, self._on_writable)
         return True
 
     def _on_writable(self) -> None:
         try:
-            written = os.write(self._fd, self._out)
+            self._out.write(self._fd)
         except BlockingIOError:
             return
         except OSError:
-            written = len(self._out)  # the reader is gone: nobody will read the rest
-        del self._out[:written]
+            self._out.clear()  # the reader is gone: nobody will read the rest
         if not self._out:
             self._loop.remove_writer(self._fd)
 
@@ -75,7 +75,7 @@ class PipeWriter:
         if self._fd >= 0 and self._out:
             self._loop.remove_writer(self._fd)
         self._fd = -1
-        self._out = bytearray()
+        self._out = P.Unsent()
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ class SharedReader:
         with self.lock:
             # Exact reads, never buffered: bytes read ahead would belong to
             # the next reader's message.
-            (length,) = P.HEADER.unpack(P.read_exactly(fd, P.HEADER.size))
+            # Always one pickle, no out-of-band buffers (see SharedQueue.put).
+            length, _ = P.HEADER.unpack(P.read_exactly(fd, P.HEADER.size))
             body = P.read_exactly(fd, length)
         item: SharedItem = pickle.loads(body)
         return item
@@ -118,7 +119,7 @@ class SharedQueue:
         self,
         mid: int,
         want_reply: bool,
-        payload: bytes,
+        payload: Any,
         needs: tuple[int, ...],
         timeout: float | None,
         trace: Any = None,
@@ -129,7 +130,10 @@ class SharedQueue:
         channel before it may start this one (see ``_child._Runtime._on_shared``);
         ``timeout``: its deadline in seconds, or None; ``trace``: see OP_MSG.
         """
-        self._writer.write(P.encode((mid, want_reply, payload, needs, timeout, trace)))
+        # In band: a reader takes a frame under a lock with blocking exact
+        # reads; a large payload's buffers are pickled into it (a copy this
+        # simple path accepts), so each frame is one pickle.
+        self._writer.write(P.encode_in_band((mid, want_reply, payload, needs, timeout, trace)))
 
     def close(self) -> None:
         """End this queue: what was not written is dropped; both parent ends are closed."""

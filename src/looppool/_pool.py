@@ -314,21 +314,24 @@ class Pool(PoolCore[_ProcSlot, MessageT, ReplyT, ResultT]):
         )
 
     def _send(self, slot: _ProcSlot, batch: list[Msg]) -> None:
-        frame = P.encode(
-            [
-                (
-                    P.OP_MSG,
-                    msg.id,
-                    msg.reply is not None,
-                    msg.payload,
-                    msg.timeout,
-                    None if msg.trace is None else (msg.trace, msg.delivery),
-                )
-                if not msg.cancelled
-                else (P.OP_SKIP, msg.id)  # barrier mode: a withdrawn message's place
-                for msg in batch
-            ]
-        )
+        items = [
+            (
+                P.OP_MSG,
+                msg.id,
+                msg.reply is not None,
+                msg.payload,
+                msg.timeout,
+                None if msg.trace is None else (msg.trace, msg.delivery),
+            )
+            if not msg.cancelled
+            else (P.OP_SKIP, msg.id)  # barrier mode: a withdrawn message's place
+            for msg in batch
+        ]
+        frame = P.encode(items)
+        if type(frame) is list and len(items) > 1:
+            # Large payloads: a frame per message, so that the worker starts
+            # each as soon as it has read it, not once it has read them all.
+            frame = P.encode_each(items)
         if self._write(slot, frame):
             slot.channel_sent += len(batch)
         else:
@@ -384,7 +387,7 @@ class Pool(PoolCore[_ProcSlot, MessageT, ReplyT, ResultT]):
                 slot.process.kill()
                 slot.process.join(5)
 
-    def _write(self, slot: _ProcSlot, data: bytes) -> bool:
+    def _write(self, slot: _ProcSlot, data: P.Frame) -> bool:
         """Write a frame without blocking; False if the worker is already gone.
 
         When the worker is gone its pidfd or sentinel tells the pool why.

@@ -13,7 +13,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import pickle
 import sys
 import threading
 import time
@@ -36,9 +35,9 @@ logger = logging.getLogger("looppool.worker")
 Emit = Callable[[tuple[Any, ...]], None]
 
 
-def pickle_dumps(value: Any) -> bytes:
-    """``pickle.dumps`` with the protocol the pool uses."""
-    return pickle.dumps(value, P.PROTOCOL)
+def pickle_dumps(value: Any) -> bytes | P.Payload:
+    """Pickle as the pool does: large buffers out of band (see ``_protocol.dumps``)."""
+    return P.dumps(value)
 
 
 def format_exception(exc: BaseException) -> str:
@@ -70,7 +69,7 @@ class MessageRunner:
         *,
         wait_room: Callable[[], Awaitable[None]] | None = None,
         dumps: Callable[[Any], Any] = pickle_dumps,
-        loads: Callable[[Any], Any] = pickle.loads,
+        loads: Callable[[Any], Any] = P.loads,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
         pool_name: str = "",
         eager: bool = False,

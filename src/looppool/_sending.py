@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import pickle
 from typing import Any
 
 from . import _protocol as P
@@ -39,7 +38,7 @@ class Sending(PoolBase[S, MessageT, ReplyT, ResultT]):
         if self._phase is not _RUNNING:
             self._raise_closed()
         try:
-            return pickle.dumps(message, P.PROTOCOL)
+            return P.dumps(message)  # large buffers out of band, snapshotted now
         except Exception as exc:
             raise TypeError(
                 f"the message {short_repr(message)} cannot be pickled, so it cannot be "
