@@ -164,8 +164,13 @@ async def test_a_large_message_half_way_through_a_dying_workers_pipe_is_redelive
         blocked = asyncio.ensure_future(pool.submit(("block", latch.path)))
         await latch.waiting.wait()
         big = asyncio.ensure_future(pool.submit(message))
-        # One loop turn: the pool writes what the pipe takes of the message.
+        # Two loop turns, in the loop's FIFO order: in the first the submit
+        # task accepts the message and schedules the pool's pump; in the
+        # second the pump writes what the pipe takes of it. (One turn was a
+        # race: the kill could come before the write.)
         await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert pool.stats().in_flight[0] == 2  # "block" and the large message: sent
         os.kill(pid, signal.SIGKILL)
         latch.open()  # the replacement runs "block" again: let it through
         assert await big == message
