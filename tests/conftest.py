@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import psutil
 import pytest
 
+import looppool
+from looppool.testing import InlinePool
 from processes import LOOP_KIND, descendants, loop_factory
 
 # RayPool's tests need the `ray` extra; the nox session `ray` installs it and
@@ -51,3 +54,22 @@ def start_method(request: pytest.FixtureRequest) -> str:
 def loop_kind() -> str:
     """The event loop the workers run (same as the parent's in this run)."""
     return LOOP_KIND
+
+
+@pytest.fixture(params=["fork", "spawn", "inline"])
+def make(request: pytest.FixtureRequest, loop_kind: str) -> Any:
+    """Build a pool: processes under fork or spawn, or the in-process InlinePool.
+
+    Behaviour that needs no process runs on both kinds of pool, which keeps
+    InlinePool true to Pool.
+    """
+    backend = request.param
+
+    def build(worker: Any, size: int = 2, **options: Any) -> Any:
+        if backend == "inline":
+            return InlinePool(worker, size=size, **options)
+        options.setdefault("start_method", backend)
+        options.setdefault("loop", loop_kind)
+        return looppool.Pool(worker, size=size, **options)
+
+    return build

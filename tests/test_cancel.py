@@ -16,21 +16,6 @@ import pytest
 import limit_workers as lw
 import looppool
 import pool_workers as w
-from looppool.testing import InlinePool
-
-
-@pytest.fixture(params=["fork", "spawn", "inline"])
-def make(request: pytest.FixtureRequest, loop_kind: str) -> Any:
-    """A pool: processes under fork or spawn, or InlinePool."""
-
-    def build(worker: Any, size: int = 2, **options: Any) -> Any:
-        if request.param == "inline":
-            return InlinePool(worker, size=size, **options)
-        options.setdefault("start_method", request.param)
-        options.setdefault("loop", loop_kind)
-        return looppool.Pool(worker, size=size, **options)
-
-    return build
 
 
 @pytest.fixture

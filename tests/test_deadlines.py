@@ -19,23 +19,8 @@ import pytest
 
 import limit_workers as lw
 import looppool
-from looppool.testing import InlinePool
 
 CLASSES = {"SafeWorker": lw.Slow, "Worker": lw.SlowWorker}
-
-
-@pytest.fixture(params=["fork", "spawn", "inline"])
-def make(request: pytest.FixtureRequest, loop_kind: str) -> Any:
-    """A pool: processes under fork or spawn, or InlinePool."""
-
-    def build(worker: Any, size: int = 2, **options: Any) -> Any:
-        if request.param == "inline":
-            return InlinePool(worker, size=size, **options)
-        options.setdefault("start_method", request.param)
-        options.setdefault("loop", loop_kind)
-        return looppool.Pool(worker, size=size, **options)
-
-    return build
 
 
 @pytest.fixture

@@ -19,32 +19,12 @@ import pytest
 
 import looppool
 import pool_workers as w
-from looppool.testing import InlinePool
 
 
 @pytest.fixture(params=["rounds", "barrier"])
 def distribution(request: pytest.FixtureRequest) -> str:
     """How shared messages are dealt: the parent's rounds, or the seed's Barrier."""
     return str(request.param)
-
-
-@pytest.fixture(params=["fork", "spawn", "inline"])
-def make(request: pytest.FixtureRequest, loop_kind: str) -> Any:
-    """Build a pool: processes under fork or spawn, or the in-process InlinePool.
-
-    Behaviour that needs no process runs on both kinds of pool, which keeps
-    InlinePool true to Pool.
-    """
-    backend = request.param
-
-    def build(worker: Any, size: int = 2, **options: Any) -> Any:
-        if backend == "inline":
-            return InlinePool(worker, size=size, **options)
-        options.setdefault("start_method", backend)
-        options.setdefault("loop", loop_kind)
-        return looppool.Pool(worker, size=size, **options)
-
-    return build
 
 
 @pytest.fixture

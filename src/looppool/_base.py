@@ -482,15 +482,6 @@ def describe_factory(worker: Any) -> str:
     return str(getattr(func, "__name__", type(func).__name__))
 
 
-def short_repr(value: Any) -> str:
-    """``repr(value)``, at most 80 characters, never raising."""
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__qualname__} object>"
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def rebuild_exception(payload: Any, loads: Callable[[Any], Any] = pickle.loads) -> BaseException:
     """Re-create a worker's exception from an EV_DONE failure payload."""
     if payload is None:

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 __all__ = [
     "LooppoolError",
@@ -176,3 +177,12 @@ def describe_exit(exitcode: int | None) -> str:
             name = f"signal {-exitcode}"
         return f"killed by {name}"
     return f"exit code {exitcode}"
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)``, at most 80 characters, never raising."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__qualname__} object>"
+    return text if len(text) <= 80 else text[:77] + "..."

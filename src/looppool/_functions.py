@@ -37,6 +37,7 @@ from collections.abc import (
 )
 from typing import Any
 
+from ._errors import short_repr
 from ._protocol import PROTOCOL
 from ._worker import SafeWorker
 
@@ -93,7 +94,7 @@ class FunctionWorker(SafeWorker):
         if not isinstance(message, Call):
             raise TypeError(
                 f"{type(self).__qualname__} runs the calls of pool.run(), pool.map() and "
-                f"pool.starmap(); it cannot process the message {_describe(message)}"
+                f"pool.starmap(); it cannot process the message {short_repr(message)}"
             )
         return message.invoke(self.number)
 
@@ -216,7 +217,7 @@ def map_calls(
         except TypeError:
             raise TypeError(
                 f"{what}() takes an iterable or an async iterable of "
-                f"{'argument tuples' if star else 'arguments'}, not {_describe(iterable)}"
+                f"{'argument tuples' if star else 'arguments'}, not {short_repr(iterable)}"
             ) from None
     calls = _Window(submit, function, items, async_items, star, ordered, window, what)
     return calls.results()
@@ -237,7 +238,7 @@ def check_function_pool(factory: Any, what: str) -> None:
 
 def _function(fn: Any, what: str) -> Function:
     if not callable(fn):
-        raise TypeError(f"{what}() takes a function to call first, not {_describe(fn)}")
+        raise TypeError(f"{what}() takes a function to call first, not {short_repr(fn)}")
     return Function(fn, _name(fn))
 
 
@@ -363,7 +364,8 @@ class _Window:
             args = tuple(item)
         except TypeError:
             raise TypeError(
-                f"starmap() takes an iterable of argument tuples, and one item is {_describe(item)}"
+                "starmap() takes an iterable of argument tuples, and one item is "
+                f"{short_repr(item)}"
             ) from None
         return await self._submit(Call(self._function, args, {}))
 
@@ -417,13 +419,4 @@ def _name(value: Any) -> str:
     module = getattr(value, "__module__", None)
     if isinstance(qualname, str):
         return f"{module}.{qualname}" if isinstance(module, str) else qualname
-    return _describe(value)
-
-
-def _describe(value: Any) -> str:
-    """``repr(value)``, at most 80 characters, never raising."""
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__qualname__} object>"
-    return text if len(text) <= 80 else text[:77] + "..."
+    return short_repr(value)

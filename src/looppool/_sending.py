@@ -20,12 +20,12 @@ from ._base import (
     PoolBase,
     S,
     check_seconds,
-    short_repr,
 )
 from ._errors import (
     PoolBroken,
     PoolClosed,
     QueueFull,
+    short_repr,
 )
 from ._ledger import Msg, NoWorkerLeft
 from ._worker import MessageT, ReplyT, ResultT
