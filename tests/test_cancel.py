@@ -181,3 +181,30 @@ async def test_a_consumer_that_puts_from_its_loop_does_not_deadlock(make: Any) -
         assert stopping is not None
         await stopping
     assert seen == total * per
+
+
+async def test_an_async_on_result_that_puts_does_not_deadlock(make: Any) -> None:
+    """An async on_result that puts new messages (a crawler's) is not stalled by max_results."""
+    total, per = 200, 5
+    put = 0
+    seen = 0
+    done = asyncio.Event()
+
+    async def on_result(_: Any) -> None:
+        nonlocal put, seen
+        seen += 1
+        if put < total:
+            await pool.put(("results", (per, 10)))  # waits for room, in the callback's task
+            put += 1
+        if seen == total * per:
+            done.set()
+
+    pool = make(lw.Slow, max_results=10, max_pending=20, on_result=on_result)
+    async with asyncio.timeout(60):
+        await pool.start()
+        for _ in range(20):
+            await pool.put(("results", (per, 10)))
+            put += 1
+        await done.wait()
+        await pool.stop()
+    assert seen == total * per
