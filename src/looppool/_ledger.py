@@ -210,7 +210,7 @@ class Ledger:
         self.dirty: dict[Slot, None] = {}
         self.shared: SharedPlace | None = None
         self._ids = itertools.count()
-        self._round: deque[int] = deque()
+        self._cursor = 0  # next_in_round() looks at this worker first
         self._redeal_turn = 0
         # drain(): messages accepted from epoch e on are not waited for by a
         # drain() that began in epoch e - 1. Pending messages per epoch, oldest first.
@@ -248,46 +248,48 @@ class Ledger:
         return msg
 
     def next_in_round(self) -> int:
-        """Fair rounds: each round deals one message to every live worker, in order."""
-        slots = self.slots
-        dealt = self._round
-        while True:
-            if not dealt:
-                self._deal_round()
-            number = dealt.popleft()
-            slot = slots[number]
-            # Slot.dealable, spelt out (this runs for every message dealt): a
-            # property call and two global look-ups cost more than the test.
-            if slot.state is _READY and not slot.isolating and not slot.suspects:
-                return number
-            if any(slots[n].dealable for n in dealt):
-                continue  # skipped: a later worker of this round takes it
-            if any(s.dealable for s in slots):
-                # Nobody left in this round can take it, but a worker served
-                # earlier in it can: a new round begins (the workers being
-                # replaced get theirs once ready) rather than the message
-                # waiting for a replacement while a worker is idle.
-                dealt.clear()
-                continue
-            return number  # nobody can take it now: it waits with this one
+        """Fair rounds: each round deals one message to every live worker, in order.
 
-    def _deal_round(self) -> None:
-        # A worker running a suspect group alone is skipped, as one being
-        # replaced is: what was dealt to it would wait for the whole group.
-        ready = [
-            s.number
-            for s in self.slots
-            if s.state is _READY and not s.isolating and not s.suspects  # s.dealable
-        ]
-        if not ready:
-            ready = [s.number for s in self.slots if s.state is SlotState.READY]
-        if not ready:
-            # Every worker is being replaced: deal to those starting (or
-            # recycled); their messages wait in the parent until they are ready.
-            ready = [s.number for s in self.slots if s.state is SlotState.STARTING or s.retiring]
-        if not ready:
-            raise NoWorkerLeft
-        self._round.extend(ready)
+        A cursor goes round the workers and deals to the next dealable one
+        (``Slot.dealable``: ready, and not running a suspect group alone), so
+        between two messages dealt to a dealable worker every other worker
+        gets at most one. A worker that becomes dealable again (a replacement
+        is ready, an isolation ended) takes its turn when the cursor reaches
+        it. Nothing is allocated: this runs for every message dealt.
+        """
+        slots = self.slots
+        size = self.size
+        start = number = self._cursor
+        while True:
+            slot = slots[number]
+            number += 1
+            if number == size:
+                number = 0
+            # Slot.dealable, spelt out: a property call and two global
+            # look-ups cost more than the test.
+            if slot.state is _READY and not slot.isolating and not slot.suspects:
+                self._cursor = number
+                return slot.number
+            if number == start:
+                return self._next_not_dealable()
+
+    def _next_not_dealable(self) -> int:
+        # Nobody can take a message now: it waits with a worker. One that is
+        # ready (running a suspect group alone) before one being replaced,
+        # whose messages wait in the parent until it is ready.
+        slots = self.slots
+        size = self.size
+        start = self._cursor
+        for ok in (
+            lambda s: s.state is SlotState.READY,
+            lambda s: s.state is SlotState.STARTING or s.retiring,
+        ):
+            for k in range(size):
+                slot = slots[(start + k) % size]
+                if ok(slot):
+                    self._cursor = (slot.number + 1) % size
+                    return slot.number
+        raise NoWorkerLeft
 
     def enqueue(self, slot: Slot, msg: Msg) -> None:
         """Queue a message for a slot's worker (it is sent when the window has room)."""
