@@ -246,6 +246,31 @@ class Outbox:
                 return
             self._scheduled = True
             loop = self._loop
+        self._schedule(loop)
+
+    # The two per-message events, without a tuple to build and take apart:
+    # add((EV_RESULT, payload)) and add((EV_DONE, mid, DONE_OK, None)).
+
+    def add_result(self, payload: Any) -> None:
+        with self._lock:
+            self._results.append(payload)
+            if self._scheduled:
+                return
+            self._scheduled = True
+            loop = self._loop
+        self._schedule(loop)
+
+    def add_ack(self, mid: int) -> None:
+        with self._lock:
+            self._acks.append(mid)
+            if self._scheduled:
+                return
+            self._scheduled = True
+            loop = self._loop
+        self._schedule(loop)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Flush once this loop turn ends (called by the first add since the last flush)."""
         if loop is None:
             self.flush()
         elif threading.get_ident() == self._loop_thread:
@@ -409,6 +434,8 @@ class _Runtime:
             cfg.number,
             outbox.add,
             release,
+            emit_result=outbox.add_result,
+            emit_ack=outbox.add_ack,
             wait_room=outbox.wait_room,
             pool_name=cfg.pool_name,
             eager=True,

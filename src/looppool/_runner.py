@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from types import CoroutineType
 from typing import Any, Final
 
 from . import _protocol as P
@@ -33,11 +34,6 @@ EAGER_TASKS: Final = sys.version_info >= (3, 12)
 logger = logging.getLogger("looppool.worker")
 
 Emit = Callable[[tuple[Any, ...]], None]
-
-
-def pickle_dumps(value: Any) -> bytes | P.Payload:
-    """Pickle as the pool does: large buffers out of band (see ``_protocol.dumps``)."""
-    return P.dumps(value)
 
 
 def format_exception(exc: BaseException) -> str:
@@ -67,8 +63,10 @@ class MessageRunner:
         emit: Emit,
         on_done: Callable[[int], None] | None = None,
         *,
+        emit_result: Callable[[Any], None] | None = None,
+        emit_ack: Callable[[int], None] | None = None,
         wait_room: Callable[[], Awaitable[None]] | None = None,
-        dumps: Callable[[Any], Any] = pickle_dumps,
+        dumps: Callable[[Any], Any] = P.dumps,
         loads: Callable[[Any], Any] = P.loads,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
         pool_name: str = "",
@@ -77,6 +75,11 @@ class MessageRunner:
         self.factory = factory
         self.number = number
         self.emit = emit
+        # Shortcuts for the two events every message makes (the worker
+        # process's outbox has them): a result, emit((EV_RESULT, payload)),
+        # and a plain ack, emit((EV_DONE, mid, DONE_OK, None)).
+        self._emit_result = emit_result or self._emit_result_event
+        self._emit_ack = emit_ack
         self.on_done = on_done
         self.wait_room = wait_room
         # InlinePool(pickle=False) hands objects over as they are.
@@ -152,10 +155,13 @@ class MessageRunner:
             "messages.timed_out": self.timed_out,
         }
 
+    def _emit_result_event(self, payload: Any) -> None:
+        self.emit((P.EV_RESULT, payload))  # (self.emit, not a copy: InlinePool may replace it)
+
     def put_result(self, value: Any) -> None:
         # Pickled here, in the caller: an unpicklable result raises inside
         # process_message and fails that message, not a whole frame.
-        self.emit((P.EV_RESULT, self.dumps(value)))
+        self._emit_result(self.dumps(value))
 
     def start(
         self,
@@ -183,7 +189,7 @@ class MessageRunner:
         except Exception as exc:
             self._failed(mid, want_reply, exc)
             return
-        if inspect.isawaitable(result):
+        if type(result) is CoroutineType or inspect.isawaitable(result):  # (the usual case first)
             loop = asyncio.get_running_loop()
             if self._eager:
                 task = asyncio.Task(  # type: ignore[call-arg,unused-ignore]
@@ -298,10 +304,13 @@ class MessageRunner:
                 self._timed_out(mid, *expired)
         finally:
             self.tasks.pop(mid, None)
-            self._expired.pop(mid, None)  # (a handler that raised something else)
-            timer = self._timers.pop(mid, None)
-            if timer is not None:
-                timer.cancel()
+            # (Each test first: most pools set no deadline, and these stay empty.)
+            if self._expired:
+                self._expired.pop(mid, None)  # (a handler that raised something else)
+            if self._timers:
+                timer = self._timers.pop(mid, None)
+                if timer is not None:
+                    timer.cancel()
 
     def _done(self, mid: int, status: int, payload: Any) -> None:
         self.in_flight -= 1
@@ -314,6 +323,14 @@ class MessageRunner:
             self.on_done(mid)
 
     def _succeeded(self, mid: int, want_reply: bool, result: Any) -> None:
+        if not want_reply and self._emit_ack is not None and not self._spans:
+            # _done(mid, DONE_OK, None), spelt out: this runs for every message.
+            self.processed += 1
+            self.in_flight -= 1
+            self._emit_ack(mid)
+            if self.on_done is not None:
+                self.on_done(mid)
+            return
         payload: bytes | None = None
         if want_reply:
             try:
