@@ -327,3 +327,15 @@ class Big(looppool.SafeWorker):
     def process_message(self, message: int) -> Any:
         self.put_result(Blob(message))
         return Blob(message)
+
+
+class Label(str):
+    """A str subclass: it must arrive as itself, not as a plain str."""
+
+
+class Mirror(looppool.SafeWorker):
+    """Puts the message itself as a result, and replies with it."""
+
+    async def process_message(self, message: Any) -> Any:
+        self.put_result(message)
+        return message

@@ -62,6 +62,27 @@ async def test_submit_returns_the_reply(make: Any, worker: Any) -> None:
     assert reply in ("hi", ("sync", "hi"))
 
 
+#: Plain values of every type that travels inside the frame's own pickle
+#: (_protocol._AS_IS), and a few that do not.
+PLAIN_VALUES = [0, -7, 2**100, True, False, 1.5, -0.0, 2 + 3j, "", "url", "\ud800 surrogate"]
+PLAIN_VALUES += [None, b"bytes", w.Label("a str subclass"), (1, "two")]
+
+
+async def test_plain_values_arrive_with_their_exact_type(make: Any) -> None:
+    """ints, strs, floats, bools, complexes and others come back equal and of the same type."""
+    async with make(w.Mirror) as pool:
+        replies = [await pool.submit(value) for value in PLAIN_VALUES]
+        for value in PLAIN_VALUES:
+            await pool.put(value)
+    results = await collect(pool)  # (one per submit, then one per put: in any order)
+
+    def typed(values: list[Any]) -> list[tuple[type, Any]]:
+        return [(type(v), v) for v in values]
+
+    assert typed(replies) == typed(PLAIN_VALUES)
+    assert Counter(map(repr, typed(results))) == Counter(map(repr, typed(PLAIN_VALUES * 2)))
+
+
 async def test_partial_factory_with_arguments(make: Any) -> None:
     """A functools.partial of a Worker subclass is a valid worker factory."""
     async with make(functools.partial(w.Scaled, 3)) as pool:
