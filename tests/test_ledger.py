@@ -449,6 +449,31 @@ class LedgerMachine(RuleBasedStateMachine):
         m = held[pick % len(held)]
         self.finish_one(m, cancelled=m.withdrawn and (cancel or m.kind == "poison"))
 
+    def ackable(self) -> list[Model]:
+        """Messages that may end as plain processed ones (a worker's EV_ACKS)."""
+        return [
+            m
+            for m in self.finishable()
+            if m.kind == "ok" and not m.withdrawn and (self.running or self.SAFE)
+        ]
+
+    @precondition(lambda self: self.ackable())
+    @rule(pick=picks, data=st.data())
+    def finish_acks(self, pick: int, data: st.DataObject) -> None:
+        """A worker acks processed messages at once; what processed_many leaves ends one by one."""
+        numbers = sorted({m.worker for m in self.ackable() if m.worker is not None})
+        number = numbers[pick % len(numbers)]
+        acked = data.draw(st.permutations([m for m in self.ackable() if m.worker == number]))
+        isolating = number in self.isolating
+        rest = self.books.processed_many(self.slot(number), [m.id for m in acked])
+        ended = [m for m in acked if m.id not in rest]
+        assert not (isolating and ended), "processed_many ended a suspect group's message"
+        assert all(m.msg.reply is None for m in ended), "processed_many ended a submit"
+        self.record_ends({m.id: Outcome.PROCESSED for m in ended})
+        for m in acked:
+            if m.id in rest:
+                self.finish_one(m, cancelled=False)
+
     @precondition(lambda self: self.poisoned())
     @rule(pick=picks)
     def poison_kills(self, pick: int) -> None:

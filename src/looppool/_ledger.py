@@ -368,6 +368,33 @@ class Ledger:
             return not any(s.suspects or s.isolating for s in self.slots)
         return False
 
+    def processed_many(self, slot: Slot, mids: list[int]) -> list[int]:
+        """Plain acks: ``slot``'s worker processed these messages, and no reply was asked.
+
+        Ends each as :meth:`finish` would, in one pass: a worker acks a
+        whole frame's messages at once (``EV_ACKS``). Returns the ids to be
+        finished one by one instead (``finish()``): those ``slot`` does not
+        hold, those with a reply to resolve, and every one while the slot
+        runs a suspect group alone or holds messages taken from the shared
+        queue.
+        """
+        if slot.isolating or slot.taken:
+            return mids
+        held = slot.held
+        rest: list[int] = []
+        ended = 0
+        for mid in mids:
+            msg = held.get(mid)
+            if msg is None or msg.reply is not None:
+                rest.append(mid)
+                continue
+            del held[mid]
+            self.end(msg, _PROCESSED)
+            ended += 1
+        if ended and (slot.queue or slot.suspects) and slot.state is _READY:  # mark()
+            self.dirty[slot] = None
+        return rest
+
     def end(self, msg: Msg, outcome: Outcome) -> None:
         """Count a message as ended, wherever it was."""
         if outcome is _PROCESSED:

@@ -47,6 +47,7 @@ class Receiving(PoolBase[S, MessageT, ReplyT, ResultT]):
         on_done = self._on_done
         add_result = self._stream.add
         add_results = self._stream.add_many
+        processed_many = self._ledger.processed_many
         ended = False
         for item in items:
             op = item[0]
@@ -56,7 +57,7 @@ class Receiving(PoolBase[S, MessageT, ReplyT, ResultT]):
             elif op == _EV_RESULTS:
                 add_results(item[1])
             elif op == _EV_ACKS:
-                for mid in item[1]:
+                for mid in processed_many(slot, item[1]):  # (the ones it cannot end itself)
                     on_done(slot, mid, _DONE_OK, None)
                 ended = True
             elif op == _EV_RESULT:
