@@ -30,6 +30,8 @@ from ._errors import (
 from ._ledger import Msg, NoWorkerLeft
 from ._worker import MessageT, ReplyT, ResultT
 
+_AS_IS = P.AS_IS
+
 
 class Sending(PoolBase[S, MessageT, ReplyT, ResultT]):
     """The calls that send messages, wait for room, and wait for them to end."""
@@ -81,7 +83,11 @@ class Sending(PoolBase[S, MessageT, ReplyT, ResultT]):
         if worker is not None:
             self._check_target(worker)
         timeout = self._message_timeout if timeout is None else check_seconds("timeout", timeout)
-        payload = self._pickle(message)
+        # _pickle's fast path: a plain int or str travels as itself (see P.dumps).
+        if type(message) in _AS_IS and self._phase is _RUNNING:
+            payload: Any = message
+        else:
+            payload = self._pickle(message)
         if self._ledger.pending >= self._max_pending:
             await self._wait_for_room()
         self._accept(payload, worker, None, timeout)
