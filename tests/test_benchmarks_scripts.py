@@ -44,3 +44,36 @@ def test_backpressure_rss_measures_before_and_after() -> None:
         assert run["results"] == run["expected"] == 3000
         assert run["parent_peak_mib"] > 0
         assert run["worker_peak_mib"] > 0
+
+
+SHM_VS_PIPE_TINY = ("--rounds", "1", "--sizes", "1", "--mib", "2")
+
+
+def test_shm_vs_pipe_echoes_every_way_and_reports_each() -> None:
+    """A tiny run: 1 MiB echoed twice each way; a row per way, the pipe as the 1.00x baseline."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "shm_vs_pipe.py"), *SHM_VS_PIPE_TINY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[3:] if line}
+    assert set(rows) == {"way", "pipe", "memfd-copy", "memfd-punch", "memfd-adopt", "posix-shm"}
+    assert "1.00x" in rows["pipe"]
+
+
+def test_w5_steady_streams_every_payload_type_on_one_pool() -> None:
+    """A tiny run (payloads scaled down): a line with a rate for each payload type and size."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "w5_steady.py"), "--passes", "1", "--scale", "0.01"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if "MiB/s" in line]
+    assert [line.split()[0] for line in lines[:4]] == ["bytes", "bytes", "bytearray", "bytearray"]
+    assert all(line.split(": ")[1].split()[0].replace(",", "").isdigit() for line in lines)
