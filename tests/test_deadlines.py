@@ -71,6 +71,33 @@ async def test_message_timeout_cancels_the_handler_and_fails_the_message(
     assert ("finally", 3600) in seen
 
 
+async def test_each_message_times_out_at_its_own_deadline(make: Any) -> None:
+    """On one worker: a short deadline is not held behind a long one; each expires on its own."""
+    async with make(lw.Slow, size=1) as pool:
+        loop = asyncio.get_running_loop()
+        long = asyncio.ensure_future(pool.submit(("sleep", 3600), timeout=3600))
+        with pytest.raises(looppool.MessageTimeout):
+            async with asyncio.timeout(30):  # (a bound on a hang: it would wait behind long)
+                await pool.submit(("sleep", 3600), timeout=0.2)
+        assert not long.done()
+        # Messages that end in time leave the deadlines of those after them alone.
+        assert [await pool.submit(("echo", i), timeout=0.5) for i in range(3)] == [0, 1, 2]
+        first = asyncio.ensure_future(pool.submit(("sleep", 3600), timeout=0.5))
+        assert await pool.submit(("sleep", 0.3)) == "slept"  # the second starts later
+        sent = loop.time()
+        second = asyncio.ensure_future(pool.submit(("sleep", 3600), timeout=0.5))
+        with pytest.raises(looppool.MessageTimeout):
+            await first
+        assert not second.done()  # its own deadline is later: it did not expire with first's
+        with pytest.raises(looppool.MessageTimeout):
+            await second
+        assert loop.time() - sent >= 0.5 - 0.002  # not before its deadline (less a timer's slack)
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        assert pool.stats().timed_out == 3
+
+
 async def test_a_handler_that_swallows_its_deadline_still_times_out(make: Any) -> None:
     """A handler that catches its deadline's CancelledError and returns: MessageTimeout still."""
     async with make(lw.Slow) as pool:

@@ -9,6 +9,7 @@ event of ``_protocol`` through an ``emit`` callable.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
@@ -89,8 +90,9 @@ class MessageRunner:
         self.pool_name = pool_name
         # The messages running as tasks, by id (a plain def handler never is one).
         self.tasks: dict[int, asyncio.Task[None]] = {}
-        # Deadlines: the timer of each message that has one, and those that expired.
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        # Deadlines: the running messages that have one, by their timeout
+        # (see _Deadlines), and those that expired.
+        self._deadlines: dict[float, _Deadlines] = {}
         self._expired: dict[int, tuple[float, bool]] = {}  # (timeout, want_reply)
         self.start_exit: SystemExit | None = None  # sys.exit() in initialise()
         self.in_flight = 0
@@ -193,17 +195,22 @@ class MessageRunner:
             loop = asyncio.get_running_loop()
             if self._eager:
                 task = asyncio.Task(  # type: ignore[call-arg,unused-ignore]
-                    self._await(mid, want_reply, result), loop=loop, eager_start=True
+                    self._await(mid, want_reply, result, timeout), loop=loop, eager_start=True
                 )
                 if task.done():
                     # It finished in its first step, and _await reported it:
                     # nothing to track, no deadline to arm.
                     return
             else:
-                task = loop.create_task(self._await(mid, want_reply, result))
+                task = loop.create_task(self._await(mid, want_reply, result, timeout))
             self.tasks[mid] = task
             if timeout is not None:
-                self._timers[mid] = loop.call_later(timeout, self._expire, mid, timeout, want_reply)
+                deadlines = self._deadlines.get(timeout)
+                if deadlines is None:
+                    deadlines = self._deadlines[timeout] = _Deadlines(
+                        loop, timeout, self._expire, self._deadlines
+                    )
+                deadlines.add(mid, want_reply)
         else:
             self._succeeded(mid, want_reply, result)
 
@@ -224,9 +231,8 @@ class MessageRunner:
     def _ended_unstarted(self, mid: int, task: asyncio.Task[None]) -> None:
         if self.tasks.pop(mid, None) is None:
             return
-        timer = self._timers.pop(mid, None)
-        if timer is not None:
-            timer.cancel()
+        for deadlines in self._deadlines.values():  # (rare: a message cancelled before it ran)
+            deadlines.discard(mid)
         expired = self._expired.pop(mid, None)
         if expired is None:
             self._done(mid, P.DONE_CANCELLED, None)
@@ -272,7 +278,9 @@ class MessageRunner:
         self.in_flight += 1
         self._done(mid, P.DONE_CANCELLED, None)
 
-    async def _await(self, mid: int, want_reply: bool, awaitable: Awaitable[Any]) -> None:
+    async def _await(
+        self, mid: int, want_reply: bool, awaitable: Awaitable[Any], time_limit: float | None
+    ) -> None:
         try:
             result = await awaitable
         except asyncio.CancelledError as exc:
@@ -307,10 +315,10 @@ class MessageRunner:
             # (Each test first: most pools set no deadline, and these stay empty.)
             if self._expired:
                 self._expired.pop(mid, None)  # (a handler that raised something else)
-            if self._timers:
-                timer = self._timers.pop(mid, None)
-                if timer is not None:
-                    timer.cancel()
+            if time_limit is not None:
+                deadlines = self._deadlines.get(time_limit)
+                if deadlines is not None:
+                    deadlines.discard(mid)
 
     def _done(self, mid: int, status: int, payload: Any) -> None:
         self.in_flight -= 1
@@ -384,6 +392,58 @@ class MessageRunner:
         else:
             while self.tasks:
                 await asyncio.wait(set(self.tasks.values()))
+
+
+class _Deadlines:
+    """The deadlines of running messages that share one timeout: one loop timer for them all.
+
+    Messages given the same timeout reach their deadlines in the order they
+    started, so they wait in an ``OrderedDict`` in that order, and a single
+    timer, armed for the oldest, expires them in turn. A timer per message
+    (``call_later`` then ``cancel``) cost 2-3.5 µs of a worker's time per
+    message; an insert and a pop here cost about 0.3 µs.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+        expire: Callable[[int, float, bool], None],
+        groups: dict[float, _Deadlines],
+    ) -> None:
+        self._loop = loop
+        self._timeout = timeout
+        self._expire = expire
+        self._groups = groups  # the runner's groups by timeout: an empty one leaves it
+        self._due: collections.OrderedDict[int, tuple[float, bool]] = collections.OrderedDict()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, mid: int, want_reply: bool) -> None:
+        when = self._loop.time() + self._timeout
+        self._due[mid] = (when, want_reply)
+        if self._timer is None:
+            self._timer = self._loop.call_at(when, self._fire)
+
+    def discard(self, mid: int) -> None:
+        # The timer stays armed: when it fires it finds who is due then.
+        self._due.pop(mid, None)
+
+    def _fire(self) -> None:
+        self._timer = None
+        due = self._due
+        # Loops may run a timer a little early (asyncio by its clock's
+        # resolution, uvloop by its millisecond clock): a deadline this close
+        # counts as reached, rather than re-arming for it again and again.
+        now = self._loop.time() + 0.001
+        while due:
+            mid, (when, want_reply) = next(iter(due.items()))
+            if when > now:
+                self._timer = self._loop.call_at(when, self._fire)
+                return
+            del due[mid]
+            self._expire(mid, self._timeout, want_reply)
+        if self._groups.get(self._timeout) is self:
+            del self._groups[self._timeout]  # nobody runs with this timeout now
 
 
 def _not_started(message: Any) -> Any:
