@@ -77,3 +77,25 @@ def test_w5_steady_streams_every_payload_type_on_one_pool() -> None:
     lines = [line for line in done.stdout.splitlines() if "MiB/s" in line]
     assert [line.split()[0] for line in lines[:4]] == ["bytes", "bytes", "bytearray", "bytearray"]
     assert all(line.split(": ")[1].split()[0].replace(",", "").isdigit() for line in lines)
+
+
+def test_paired_measures_two_trees_alternately() -> None:
+    """A tiny paired run (this interpreter twice): a median and a ratio for every mode and key."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "paired.py"),
+            *("--python", f"a={sys.executable}", "--python", f"b={sys.executable}"),
+            *("--rounds", "1", "-n", "500", "--submits", "20"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    assert [(row[0], row[1]) for row in rows] == [
+        (mode, key) for mode in ("stream", "submit") for key in ("rate", "parent_us", "workers_us")
+    ]
+    assert all(float(row[3]) > 0 and float(row[5]) > 0 for row in rows if row[1] == "rate")
