@@ -92,10 +92,15 @@ async def test_each_message_times_out_at_its_own_deadline(make: Any) -> None:
         with pytest.raises(looppool.MessageTimeout):
             await second
         assert loop.time() - sent >= 0.5 - 0.002  # not before its deadline (less a timer's slack)
+        # Nothing runs with 0.5 s now: its group emptied and left. A message
+        # given that timeout again makes a new group, with a timer of its own.
+        with pytest.raises(looppool.MessageTimeout):
+            async with asyncio.timeout(30):
+                await pool.submit(("sleep", 3600), timeout=0.5)
         long.cancel()
         with pytest.raises(asyncio.CancelledError):
             await long
-        assert pool.stats().timed_out == 3
+        assert pool.stats().timed_out == 4
 
 
 async def test_a_handler_that_swallows_its_deadline_still_times_out(make: Any) -> None:
