@@ -162,6 +162,8 @@ async def test_death_while_stopping_does_not_hang_or_lose(make: Any, gate: Any) 
     _, _, pid = await anext(results)
     stopping = asyncio.ensure_future(pool.stop())
     await asyncio.sleep(0)  # let stop() begin waiting for the held message
+    with pytest.raises(looppool.PoolClosed, match="draining"):
+        pool.put_nowait("late")  # it has: the pool drains, so the kill lands in stop()
     os.kill(pid, signal.SIGKILL)
     # The replacement receives the message again: wait for it to hold it.
     number, what, new_pid = await anext(results)
@@ -182,6 +184,10 @@ async def test_cancelling_put_submit_and_drain_leaves_the_pool_consistent(
         blocked_submit = asyncio.ensure_future(pool.submit("never either"))
         drain = asyncio.ensure_future(pool.drain())
         await asyncio.sleep(0)
+        # Each waits in the pool (for room, or for the held message), so the
+        # cancellations below reach waiters, not finished tasks.
+        assert not any(t.done() for t in (blocked_put, blocked_submit, drain))
+        assert pool.stats().pending == 1
         for task in (blocked_put, blocked_submit, drain):
             task.cancel()
         await asyncio.gather(blocked_put, blocked_submit, drain, return_exceptions=True)
