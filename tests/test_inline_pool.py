@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 import threading
 from collections import Counter
 from typing import Any
@@ -424,6 +425,28 @@ async def test_constructor_checks_arguments_and_process_options() -> None:
     )
     assert pool.size == (os.cpu_count() or 1)
     assert pool.pids == (None,) * pool.size
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"stasd": "127.0.0.1:8125"},  # a misspelt option
+        {"statsd": 1},
+        {"statsd": "no-port"},
+        {"blocking_threshold": -1},
+        {"worker_metrics": "yes"},
+        {"blocking_threshold": 1.0, "metrics_interval": 0},
+        {"hang_timeout": 0},
+        {"max_memory_per_worker": 0},
+    ],
+)
+async def test_process_options_fail_as_in_pool(options: dict[str, Any]) -> None:
+    """A process option InlinePool ignores fails as in Pool: same error type, same message."""
+    with pytest.raises((TypeError, ValueError)) as in_pool:
+        looppool.Pool(Echo, 1, **options)
+    expected = str(in_pool.value).replace("Pool.__init__()", "InlinePool()")
+    with pytest.raises(type(in_pool.value), match=re.escape(expected)):
+        InlinePool(Echo, 1, **options)
 
 
 # -- back-pressure and concurrency ------------------------------------------------------

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
@@ -62,6 +63,7 @@ from ._core import (
 )
 from ._errors import WorkerLost
 from ._ledger import Msg, SlotState
+from ._monitor import monitor_options
 from ._pool import Pool
 from ._runner import MessageRunner
 from ._worker import MessageT, ReplyT, ResultT, Worker
@@ -83,6 +85,17 @@ worker_logger: Final = logging.getLogger("looppool.worker")
 def _check_choice(option: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{option} must be one of {', '.join(map(repr, choices))}, not {value!r}")
+
+
+@functools.cache
+def _process_options() -> frozenset[str]:
+    """The options of ``Pool`` that InlinePool takes and ignores: the rest of Pool's."""
+    own = inspect.signature(InlinePool.__init__).parameters
+    return frozenset(
+        name
+        for name, parameter in inspect.signature(Pool.__init__).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in own
+    )
 
 
 def _as_is(value: Any) -> Any:
@@ -146,11 +159,12 @@ class InlinePool(PoolCore[_InlineSlot, MessageT, ReplyT, ResultT]):
     is cancelled instead), hung workers (``hang_timeout``), recycling by
     memory (``max_memory_per_worker``) and results back-pressure (results
     reach the parent at once). The options for them (``loop``,
-    ``start_method``, ``distribution``, ``hang_timeout``, ...) are accepted and
-    ignored. All workers share one loop: a handler that blocks it blocks them
-    all. Message deadlines (``message_timeout``, ``timeout=``), cancelling a
-    ``submit()``, and recycling after ``max_messages_per_worker`` (a fresh
-    worker object, ``initialise()`` again) behave as in ``Pool``.
+    ``start_method``, ``distribution``, ``hang_timeout``, ...) are accepted,
+    checked as ``Pool`` checks them, and ignored. All workers share one
+    loop: a handler that blocks it blocks them all. Message deadlines
+    (``message_timeout``, ``timeout=``), cancelling a ``submit()``, and
+    recycling after ``max_messages_per_worker`` (a fresh worker object,
+    ``initialise()`` again) behave as in ``Pool``.
     """
 
     def __init__(
@@ -181,6 +195,11 @@ class InlinePool(PoolCore[_InlineSlot, MessageT, ReplyT, ResultT]):
             max_results=max_results,
         )
         # Checked as Pool checks them, then ignored: no process to watch.
+        unknown = sorted(set(process_options) - _process_options())
+        if unknown:
+            # Pool() raises this for a misspelt option (Python's own
+            # TypeError); so must the pool that stands in for it in tests.
+            raise TypeError(f"InlinePool() got an unexpected keyword argument {unknown[0]!r}")
         check_seconds("hang_timeout", process_options.get("hang_timeout"))
         if process_options.get("max_memory_per_worker") is not None:
             check_int("max_memory_per_worker", process_options["max_memory_per_worker"])
@@ -188,6 +207,13 @@ class InlinePool(PoolCore[_InlineSlot, MessageT, ReplyT, ResultT]):
         if process_options.get("start_method") is not None:
             _check_choice("start_method", process_options["start_method"], START_METHODS)
         _check_choice("distribution", process_options.get("distribution", "rounds"), DISTRIBUTIONS)
+        monitor_options(
+            process_options.get("statsd"),
+            process_options.get("statsd_prefix"),
+            process_options.get("metrics_interval", 10.0),
+            process_options.get("blocking_threshold"),
+            process_options.get("worker_metrics", False),
+        )
         self._use_pickle = pickle
         if not pickle:
             self._loads = _as_is
