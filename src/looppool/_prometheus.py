@@ -237,7 +237,7 @@ class PrometheusCollector(Collector):
         counters = [CounterMetricFamily(metric, text, labels=pool) for _, metric, text in COUNTERS]
         pending = GaugeMetricFamily(
             "looppool_messages_pending",
-            "Messages accepted and not yet processed, failed or lost.",
+            "Messages accepted and not yet processed, failed, lost or cancelled.",
             labels=pool,
         )
         in_flight = GaugeMetricFamily(

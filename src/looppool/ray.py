@@ -101,7 +101,7 @@ CONTROL_CALLS: Final = 4  # start, next_events, stop, cancel (each returns at on
 RESERVED_OPTIONS: Final = frozenset(
     {
         "max_concurrency",  # from ``concurrency``
-        "max_restarts",  # RayPool replaces dead actors itself, and re-delivers once
+        "max_restarts",  # RayPool replaces dead actors itself, and re-delivers what they held
         "max_task_retries",  # a retried delivery would run messages twice
         "allow_out_of_order_execution",
         "lifetime",  # a detached actor would outlive its pool's driver
