@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import logging
 import os
 import time
@@ -69,5 +70,43 @@ class SlowFinalise(Slow):
 
 class SlowWorker(Slow, looppool.Worker):
     """Slow as a plain ``looppool.Worker``."""
+
+    safe = False
+
+
+class SlowStart(Slow):
+    """Slow, whose ``initialise()`` hangs once for each file ``{base}.{i}`` it can claim.
+
+    ``how``: ``"await"`` waits for ever (the loop turns), ``"block"`` blocks
+    the loop with ``time.sleep``. Claiming is removing the file, which one
+    process wins, so ``n`` files make exactly ``n`` starts hang, whichever
+    workers they are.
+    """
+
+    def __init__(self, base: str, how: str = "await") -> None:
+        self.base = base
+        self.how = how
+
+    async def initialise(self) -> None:
+        super().initialise()
+        for path in sorted(glob.glob(f"{glob.escape(self.base)}.*")):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue  # another worker claimed it first
+            if self.how == "block":
+                time.sleep(3600)  # noqa: ASYNC251 (a loop blocked in initialise is the point)
+            await asyncio.Event().wait()  # never set: initialise() awaits for ever
+
+
+def hang_starts(base: str, count: int) -> None:
+    """Make the next ``count`` starts of a SlowStart(base) pool hang in initialise()."""
+    for i in range(count):
+        with open(f"{base}.{i}", "w"):
+            pass
+
+
+class SlowStartWorker(SlowStart, looppool.Worker):
+    """SlowStart as a plain ``looppool.Worker``."""
 
     safe = False

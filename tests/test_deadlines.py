@@ -8,10 +8,14 @@ here are bounds on a hang, never a measure of speed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import signal
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -202,6 +206,123 @@ async def test_stop_with_a_timeout_ends_a_stopped_worker(make_process: Any) -> N
     async with asyncio.timeout(3):
         await pool.stop(timeout=1)
     assert pool.pids == (None, None)
+
+
+# -- workers stuck in initialise(): start_timeout -------------------------------------
+
+# Well above a worker's normal start (spawn's imports included) on a busy
+# machine: every start in these tests runs under it, not only the stuck ones.
+START_TIMEOUT = 2.0
+
+
+class LogSeen(logging.Handler):
+    """Sets ``seen`` (an asyncio.Event) when a log record containing ``text`` is emitted."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():  # the pool logs on its loop's thread
+            self.seen.set()
+
+
+@contextlib.contextmanager
+def log_seen(text: str) -> Iterator[asyncio.Event]:
+    """An event set once the pool logs ``text``."""
+    handler = LogSeen(text)
+    looppool_logger = logging.getLogger("looppool")
+    looppool_logger.addHandler(handler)
+    try:
+        yield handler.seen
+    finally:
+        looppool_logger.removeHandler(handler)
+
+
+async def test_a_worker_stuck_in_initialise_fails_start(make: Any, tmp_path: Path) -> None:
+    """start(): an initialise() still awaiting at start_timeout is killed; WorkerStartError."""
+    base = str(tmp_path / "hang")
+    lw.hang_starts(base, 1)
+    pool = make(functools.partial(lw.SlowStart, base), start_timeout=START_TIMEOUT)
+    with pytest.raises(looppool.WorkerStartError) as info:
+        async with asyncio.timeout(60):  # (a bound on a hang)
+            await pool.start()
+    assert "did not finish within start_timeout=2 s" in str(info.value)
+    assert info.value.number in (0, 1)
+    with pytest.raises(looppool.PoolClosed):
+        await pool.put(("echo", 1))
+
+
+async def test_an_initialise_that_blocks_its_loop_fails_start(
+    make_process: Any, tmp_path: Path
+) -> None:
+    """start(): an initialise() blocking its loop past start_timeout: killed; WorkerStartError."""
+    base = str(tmp_path / "hang")
+    lw.hang_starts(base, 1)
+    pool = make_process(functools.partial(lw.SlowStart, base, "block"), start_timeout=2.0)
+    with pytest.raises(looppool.WorkerStartError, match="start_timeout=2 s") as info:
+        async with asyncio.timeout(60):
+            await pool.start()
+    assert info.value.exitcode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("starting", [lw.SlowStart, lw.SlowStartWorker])
+async def test_a_replacement_stuck_in_initialise_is_killed_and_replaced(
+    make_process: Any, distribution: str, starting: Any, tmp_path: Path
+) -> None:
+    """A replacement hanging in initialise() is killed at start_timeout; the next one serves."""
+    base = str(tmp_path / "hang")
+    pool = make_process(
+        functools.partial(starting, base),
+        start_timeout=START_TIMEOUT,
+        distribution=distribution,
+    )
+    overdue_text = "did not finish initialise() within start_timeout=2 s"
+    with log_seen("died") as died, log_seen(overdue_text) as overdue:
+        async with pool, asyncio.timeout(60):
+            old = await pool.submit(("pid", None), worker=0)
+            lw.hang_starts(base, 1)  # the next start hangs (barrier mode: any of them)
+            os.kill(old, signal.SIGKILL)
+            # Once the death is known, messages wait for the stuck replacement
+            # or go to the other worker. (Put before, they could be sent to the
+            # dead process: a Worker pool loses those, as after any death.)
+            await died.wait()
+            for i in range(20):
+                await pool.put(("echo", i))
+            await overdue.wait()
+            # Every worker serves again, a fresh process each.
+            pids = [await pool.submit(("pid", None), worker=k) for k in range(2)]
+            assert old not in pids
+            await pool.drain()  # (a Worker pool's stop would drop what is queued)
+            assert (pool.stats().failed, pool.stats().lost) == (0, 0)
+    echoed = sorted(r[1] for r in [r async for r in pool.results()] if r[0] == "echo")
+    assert echoed == list(range(20))  # nothing lost: a starting worker holds nothing
+
+
+async def test_replacements_that_never_start_break_the_pool(
+    make_process: Any, tmp_path: Path
+) -> None:
+    """Replacements that keep hanging in initialise(): three in a row break the pool."""
+    base = str(tmp_path / "hang")
+    pool = make_process(functools.partial(lw.SlowStart, base), size=1, start_timeout=START_TIMEOUT)
+    async with pool, asyncio.timeout(60):
+        pid = await pool.submit(("pid", None))
+        lw.hang_starts(base, 3)
+        os.kill(pid, signal.SIGKILL)
+        broken = r"failed to start 3 times.*start_timeout=2 s"
+        with pytest.raises(looppool.PoolBroken, match=broken):
+            await pool.submit(("echo", 1))  # waits for a worker that never comes
+        with pytest.raises(looppool.PoolBroken):
+            await pool.put(("echo", 2))
+    assert all(pid is None for pid in pool.pids)
+
+
+async def test_bad_start_timeout_is_refused(make: Any) -> None:
+    """start_timeout must be None or a positive number of seconds: ValueError at construction."""
+    for bad in (0, -1, "2", True):
+        with pytest.raises(ValueError, match="start_timeout must be None or a positive number"):
+            make(lw.Slow, start_timeout=bad)
 
 
 # -- recycling ----------------------------------------------------------------------

@@ -964,6 +964,32 @@ async def test_a_blocked_actor_is_killed_and_replaced(caplog: pytest.LogCaptureF
     assert any("hang_timeout=1" in r.getMessage() for r in caplog.records)
 
 
+async def test_an_actor_stuck_in_initialise_is_killed_at_start_timeout(tmp_path: Path) -> None:
+    """start_timeout: an actor whose initialise() never ends is killed; start() fails, none left."""
+    base = str(tmp_path / "hang")
+    lw.hang_starts(base, 1)
+    pool = RayPool(functools.partial(lw.SlowStart, base), 2, start_timeout=10.0)
+    with pytest.raises(looppool.WorkerStartError, match="start_timeout=10 s"):
+        async with asyncio.timeout(DEADLINE * 2):
+            await pool.start()
+    assert pool.actors == (None, None)
+
+
+async def test_a_replacement_actor_stuck_in_initialise_is_replaced(tmp_path: Path) -> None:
+    """start_timeout: a replacement actor hanging in initialise() is killed; the next one serves."""
+    base = str(tmp_path / "hang")
+    async with (
+        RayPool(functools.partial(lw.SlowStart, base), 1, start_timeout=10.0) as pool,
+        asyncio.timeout(DEADLINE * 2),
+    ):
+        pid = await pool.submit(("pid", None))
+        lw.hang_starts(base, 1)
+        ray.kill(pool.actors[0])
+        assert await pool.submit(("pid", None)) != pid  # the second replacement's
+        assert not Path(f"{base}.0").exists()  # noqa: ASYNC240 (a replacement claimed the hang)
+        assert pool.stats().respawns == 2
+
+
 async def test_actors_are_recycled_after_n_messages() -> None:
     """max_messages_per_worker: actors are replaced one at a time; every message runs once."""
     count = 400

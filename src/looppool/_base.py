@@ -155,6 +155,9 @@ class WorkerSlot(Slot):
         self.start_error: tuple[str, str] | None = None  # (reason, traceback) from initialise()
         self.farewell = Farewell.NONE
         self.failures = 0  # replacements that failed to start in a row
+        # start_timeout: armed when a worker is launched, cancelled when it
+        # reports ready or ends; firing, it kills a worker still initialising.
+        self.start_timer: asyncio.TimerHandle | None = None
         # hang_timeout: when the parent last heard from the worker (loop.time()),
         # and the stack its hang watcher sent, if any.
         self.last_seen = 0.0
@@ -192,6 +195,7 @@ class PoolBase(abc.ABC, Generic[S, MessageT, ReplyT, ResultT]):
         max_messages_per_worker: int | None = None,
         max_memory_per_worker: int | None = None,
         max_results: int | None = DEFAULT_MAX_RESULTS,
+        start_timeout: float | None = None,
     ) -> None:
         if not callable(worker):
             raise TypeError(f"worker must be a Worker subclass or a callable, not {worker!r}")
@@ -204,6 +208,7 @@ class PoolBase(abc.ABC, Generic[S, MessageT, ReplyT, ResultT]):
         check_int("max_pending", max_pending)
         self._message_timeout = check_seconds("message_timeout", message_timeout)
         self._hang_timeout = check_seconds("hang_timeout", hang_timeout)
+        self._start_timeout = check_seconds("start_timeout", start_timeout)
         if max_messages_per_worker is not None:
             check_int("max_messages_per_worker", max_messages_per_worker)
         if max_memory_per_worker is not None:
@@ -381,6 +386,10 @@ class PoolBase(abc.ABC, Generic[S, MessageT, ReplyT, ResultT]):
     @abc.abstractmethod
     def _watch(self) -> None:
         """The watchdog timer's tick (``_supervision``)."""
+
+    @abc.abstractmethod
+    def _arm_start_timer(self, slot: S) -> None:
+        """After a launch, arm ``start_timeout``'s timer for the worker (``_supervision``)."""
 
     @abc.abstractmethod
     def _tell_all_to_stop(self, cancel: bool | None = None) -> None:

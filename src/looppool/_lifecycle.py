@@ -59,6 +59,7 @@ class LifeCycle(PoolBase[S, MessageT, ReplyT, ResultT]):
             for slot in self._slots:
                 slot.ready = loop.create_future()
                 self._launch(slot)
+                self._arm_start_timer(slot)
             await self._await_ready([s.ready for s in self._slots if s.ready is not None])
             if self._phase is not Phase.STARTING:
                 # stop() killed the workers, but every one had reported ready

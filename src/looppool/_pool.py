@@ -119,6 +119,11 @@ class Pool(PoolCore[_ProcSlot, MessageT, ReplyT, ResultT]):
       (blocked in C, ``time.sleep``, a deadlock, SIGSTOP) before the worker is
       killed and replaced as if it had died; the stack it was stuck in is
       logged. Default: none.
+    * ``start_timeout`` — seconds a worker may take from its launch to the end
+      of ``initialise()``; one still starting then is killed: at
+      :meth:`start` the pool raises :class:`~looppool.WorkerStartError`, and
+      a replacement that overruns counts as a failed start (three in a row
+      break the pool). Default: none.
     * ``max_messages_per_worker``, ``max_memory_per_worker`` (bytes of RSS) —
       recycling: a worker past either finishes what it holds, runs
       ``finalise()`` and is replaced by a fresh one, one worker at a time.
@@ -154,6 +159,7 @@ class Pool(PoolCore[_ProcSlot, MessageT, ReplyT, ResultT]):
         max_memory_per_worker: int | None = None,
         max_results: int | None = DEFAULT_MAX_RESULTS,
         worker_metrics: bool = False,
+        start_timeout: float | None = None,
     ) -> None:
         super().__init__(
             worker,
@@ -167,6 +173,7 @@ class Pool(PoolCore[_ProcSlot, MessageT, ReplyT, ResultT]):
             max_messages_per_worker=max_messages_per_worker,
             max_memory_per_worker=max_memory_per_worker,
             max_results=max_results,
+            start_timeout=start_timeout,
         )
         if loop not in ("auto", "asyncio", "uvloop"):
             raise ValueError(f"loop must be 'auto', 'asyncio' or 'uvloop', not {loop!r}")

@@ -96,7 +96,10 @@ class Receiving(PoolBase[S, MessageT, ReplyT, ResultT]):
             self._ready_info(slot, item[3:])
             self._on_ready(slot, item[1])
         elif op == P.EV_START_FAILED:
-            slot.start_error = (item[1], item[2])
+            # The first reason stands: an initialise() cancelled because
+            # start_timeout expired (InlinePool) reports a CancelledError after.
+            if slot.start_error is None:
+                slot.start_error = (item[1], item[2])
         elif op == P.EV_BLOCKED:
             self._ledger.counts.blocked += 1
         elif op == P.EV_METRICS:
@@ -172,6 +175,9 @@ class Receiving(PoolBase[S, MessageT, ReplyT, ResultT]):
             target.handle(record)
 
     def _on_ready(self, slot: S, pid: int | None) -> None:
+        if slot.start_timer is not None:
+            slot.start_timer.cancel()
+            slot.start_timer = None
         if slot.state is SlotState.STOPPING:
             return  # told to stop while initialising: it stops once ready
         slot.state = SlotState.READY

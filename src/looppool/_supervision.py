@@ -60,6 +60,37 @@ class Supervision(PoolBase[S, MessageT, ReplyT, ResultT]):
         slot.farewell = Farewell.HUNG  # a death: replaced, and what it held rescued
         self._kill(slot)
 
+    def _arm_start_timer(self, slot: S) -> None:
+        """After a launch: with ``start_timeout``, kill the worker if it is not ready by then."""
+        if self._start_timeout is not None:
+            assert self._loop is not None
+            slot.start_timer = self._loop.call_later(self._start_timeout, self._start_overdue, slot)
+
+    def _start_overdue(self, slot: S) -> None:
+        slot.start_timer = None
+        # The timer is cancelled when the worker reports ready and when it
+        # ends, so one that fires finds a worker still in initialise() (or
+        # told to stop while in it: the stop waits for the same readiness).
+        if not slot.alive:
+            return
+        reason = (
+            f"initialise() did not finish within start_timeout={self._start_timeout:g} s "
+            f"(the {self._noun} was killed)"
+        )
+        slot.start_error = (reason, "")
+        logger.error(
+            "pool %s: worker %d (pid %s) did not finish initialise() within "
+            "start_timeout=%g s; killing it",
+            self.name,
+            slot.number,
+            slot.pid,
+            self._start_timeout,
+        )
+        # Farewell stays NONE: to the supervision it is a worker that failed
+        # to start (start() raises WorkerStartError; a replacement's failure
+        # counts towards breaking the pool, with the back-off between tries).
+        self._kill(slot)
+
     def _heartbeat_options(self) -> tuple[float, float | None, bool] | None:
         """A worker's heartbeat: ``(interval, hang_timeout, report_rss)``, or None for none.
 
@@ -118,6 +149,9 @@ class Supervision(PoolBase[S, MessageT, ReplyT, ResultT]):
         """
         previous = slot.state
         slot.state = SlotState.DEAD
+        if slot.start_timer is not None:
+            slot.start_timer.cancel()
+            slot.start_timer = None
         slot.metrics = None  # a dead worker's gauges are stale
         if slot.exited is not None and not slot.exited.done():
             slot.exited.set_result(lost.exitcode)
@@ -232,6 +266,7 @@ class Supervision(PoolBase[S, MessageT, ReplyT, ResultT]):
             slot.state = SlotState.DEAD
             self._break(f"worker {slot.number} could not be restarted: {exc!r}")
             return
+        self._arm_start_timer(slot)
         logger.info("pool %s: worker %d restarted", self.name, slot.number)
 
     def _break(self, reason: str) -> None:

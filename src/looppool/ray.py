@@ -412,6 +412,7 @@ class RayPool(PoolCore[_ActorSlot, MessageT, ReplyT, ResultT]):
         max_memory_per_worker: int | None = None,
         max_results: int | None = DEFAULT_MAX_RESULTS,
         worker_metrics: bool = False,
+        start_timeout: float | None = None,
         **ray_actor_options: Any,
     ) -> None:
         super().__init__(
@@ -426,6 +427,7 @@ class RayPool(PoolCore[_ActorSlot, MessageT, ReplyT, ResultT]):
             max_messages_per_worker=max_messages_per_worker,
             max_memory_per_worker=max_memory_per_worker,
             max_results=max_results,
+            start_timeout=start_timeout,
         )
         if address is not None and not isinstance(address, str):
             raise TypeError(f"address must be a str or None, not {address!r}")

@@ -162,9 +162,10 @@ class InlinePool(PoolCore[_InlineSlot, MessageT, ReplyT, ResultT]):
     ``start_method``, ``distribution``, ``hang_timeout``, ...) are accepted,
     checked as ``Pool`` checks them, and ignored. All workers share one
     loop: a handler that blocks it blocks them all. Message deadlines
-    (``message_timeout``, ``timeout=``), cancelling a ``submit()``, and
+    (``message_timeout``, ``timeout=``), cancelling a ``submit()``,
     recycling after ``max_messages_per_worker`` (a fresh worker object,
-    ``initialise()`` again) behave as in ``Pool``.
+    ``initialise()`` again) and ``start_timeout`` (an ``initialise()`` that
+    awaits past it is cancelled) behave as in ``Pool``.
     """
 
     def __init__(
@@ -181,6 +182,7 @@ class InlinePool(PoolCore[_InlineSlot, MessageT, ReplyT, ResultT]):
         message_timeout: float | None = None,
         max_messages_per_worker: int | None = None,
         max_results: int | None = DEFAULT_MAX_RESULTS,
+        start_timeout: float | None = None,
         **process_options: Any,
     ) -> None:
         super().__init__(
@@ -193,6 +195,7 @@ class InlinePool(PoolCore[_InlineSlot, MessageT, ReplyT, ResultT]):
             message_timeout=message_timeout,
             max_messages_per_worker=max_messages_per_worker,
             max_results=max_results,
+            start_timeout=start_timeout,
         )
         # Checked as Pool checks them, then ignored: no process to watch.
         unknown = sorted(set(process_options) - _process_options())
