@@ -300,6 +300,24 @@ async def test_a_replacement_stuck_in_initialise_is_killed_and_replaced(
     assert echoed == list(range(20))  # nothing lost: a starting worker holds nothing
 
 
+async def test_stop_ends_a_replacement_stuck_in_initialise_at_start_timeout(
+    make_process: Any, tmp_path: Path
+) -> None:
+    """stop() waits for a starting worker; one stuck in initialise() is killed at start_timeout."""
+    base = str(tmp_path / "hang")
+    pool = make_process(functools.partial(lw.SlowStart, base), start_timeout=START_TIMEOUT)
+    with log_seen("died") as died:
+        async with pool, asyncio.timeout(60):
+            old = await pool.submit(("pid", None), worker=0)
+            lw.hang_starts(base, 1)
+            os.kill(old, signal.SIGKILL)
+            await died.wait()
+            assert await pool.submit(("echo", 1), worker=1) == 1
+            await pool.stop()  # returns: the stuck replacement is killed, not waited for
+    assert all(pid is None for pid in pool.pids)
+    assert not Path(f"{base}.0").exists()  # noqa: ASYNC240 (the replacement did hang)
+
+
 async def test_replacements_that_never_start_break_the_pool(
     make_process: Any, tmp_path: Path
 ) -> None:
