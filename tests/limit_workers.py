@@ -78,12 +78,13 @@ class SlowStart(Slow):
     """Slow, whose ``initialise()`` hangs once for each file ``{base}.{i}`` it can claim.
 
     ``how``: ``"await"`` waits for ever (the loop turns), ``"block"`` blocks
-    the loop with ``time.sleep``. Claiming is removing the file, which one
+    the loop with ``time.sleep``, a number of seconds makes it slow, not
+    stuck (it awaits that long). Claiming is removing the file, which one
     process wins, so ``n`` files make exactly ``n`` starts hang, whichever
     workers they are.
     """
 
-    def __init__(self, base: str, how: str = "await") -> None:
+    def __init__(self, base: str, how: str | float = "await") -> None:
         self.base = base
         self.how = how
 
@@ -94,6 +95,11 @@ class SlowStart(Slow):
                 os.remove(path)
             except FileNotFoundError:
                 continue  # another worker claimed it first
+            # Forwarded to the parent's logging: a test can wait for this start.
+            logging.getLogger("tests.limit_workers").warning("initialise() held by %s", path)
+            if isinstance(self.how, float):
+                await asyncio.sleep(self.how)
+                return
             if self.how == "block":
                 time.sleep(3600)  # noqa: ASYNC251 (a loop blocked in initialise is the point)
             await asyncio.Event().wait()  # never set: initialise() awaits for ever

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,14 +231,14 @@ class LogSeen(logging.Handler):
 
 @contextlib.contextmanager
 def log_seen(text: str) -> Iterator[asyncio.Event]:
-    """An event set once the pool logs ``text``."""
+    """An event set once ``text`` is logged: by the pool, or by a worker (forwarded)."""
     handler = LogSeen(text)
-    looppool_logger = logging.getLogger("looppool")
-    looppool_logger.addHandler(handler)
+    root = logging.getLogger()
+    root.addHandler(handler)
     try:
         yield handler.seen
     finally:
-        looppool_logger.removeHandler(handler)
+        root.removeHandler(handler)
 
 
 async def test_a_worker_stuck_in_initialise_fails_start(make: Any, tmp_path: Path) -> None:
@@ -306,24 +307,27 @@ async def test_stop_ends_a_replacement_stuck_in_initialise_at_start_timeout(
     """stop() waits for a starting worker; one stuck in initialise() is killed at start_timeout."""
     base = str(tmp_path / "hang")
     pool = make_process(functools.partial(lw.SlowStart, base), start_timeout=START_TIMEOUT)
-    with log_seen("died") as died:
+    with log_seen("initialise() held") as held:
         async with pool, asyncio.timeout(60):
             old = await pool.submit(("pid", None), worker=0)
             lw.hang_starts(base, 1)
             os.kill(old, signal.SIGKILL)
-            await died.wait()
-            assert await pool.submit(("echo", 1), worker=1) == 1
+            await held.wait()  # the replacement is stuck in initialise()
             await pool.stop()  # returns: the stuck replacement is killed, not waited for
     assert all(pid is None for pid in pool.pids)
-    assert not Path(f"{base}.0").exists()  # noqa: ASYNC240 (the replacement did hang)
 
 
 async def test_replacements_that_never_start_break_the_pool(
-    make_process: Any, tmp_path: Path
+    make_process: Any, distribution: str, tmp_path: Path
 ) -> None:
     """Replacements that keep hanging in initialise(): three in a row break the pool."""
     base = str(tmp_path / "hang")
-    pool = make_process(functools.partial(lw.SlowStart, base), size=1, start_timeout=START_TIMEOUT)
+    pool = make_process(
+        functools.partial(lw.SlowStart, base),
+        size=1,
+        start_timeout=START_TIMEOUT,
+        distribution=distribution,
+    )
     async with pool, asyncio.timeout(60):
         pid = await pool.submit(("pid", None))
         lw.hang_starts(base, 3)
@@ -334,6 +338,87 @@ async def test_replacements_that_never_start_break_the_pool(
         with pytest.raises(looppool.PoolBroken):
             await pool.put(("echo", 2))
     assert all(pid is None for pid in pool.pids)
+
+
+async def test_a_ready_read_after_its_deadline_fired_is_ignored(
+    make_process: Any, tmp_path: Path
+) -> None:
+    """White-box: start_timeout fires while the ready is unread; start() fails, never half."""
+    base = str(tmp_path / "slow")
+    lw.hang_starts(base, 1)
+    pool = make_process(functools.partial(lw.SlowStart, base, 2.2), size=1, start_timeout=2.0)
+    loop = asyncio.get_running_loop()
+    launched = pool._launched
+
+    def busy_across_the_deadline(slot: Any) -> None:
+        # No public call orders a timer before a frame that has arrived: keep
+        # the parent's loop busy across the deadline until the worker's ready
+        # (at ~2.2 s) is in the pipe, then let the timer run first (asyncio).
+        launched(slot)
+        when = slot.start_timer.when()
+        loop.call_at(when - 1.0, time.sleep, 1.05)
+        loop.call_at(when - 0.001, time.sleep, 0.5)
+        loop.call_at(when + 0.001, time.sleep, 0.2)
+
+    pool._launched = busy_across_the_deadline
+    starting = asyncio.ensure_future(pool.start())
+    async with asyncio.timeout(60):
+        await asyncio.wait([starting])
+    if starting.exception() is not None:
+        with pytest.raises(looppool.WorkerStartError, match=r"start_timeout=2 s"):
+            starting.result()
+        assert pool.pids == (None,)
+        return
+    try:  # the loop read the ready first: then the worker must serve
+        async with asyncio.timeout(10):
+            assert await pool.submit(("echo", 1)) == 1
+    finally:
+        await pool.stop(timeout=5)
+
+
+async def test_a_worker_told_to_stop_while_initialising_is_not_hung(
+    make_process: Any, distribution: str, tmp_path: Path
+) -> None:
+    """hang_timeout leaves alone a replacement still in initialise() when stop() reaches it."""
+    base = str(tmp_path / "slow")
+    pool = make_process(
+        functools.partial(lw.SlowStart, base, 1.5), hang_timeout=0.4, distribution=distribution
+    )
+    with log_seen("initialise() held") as held:
+        async with pool, asyncio.timeout(60):
+            old = await pool.submit(("pid", None), worker=0)
+            lw.hang_starts(base, 1)  # the next start takes 1.5 s: slow, not hung
+            os.kill(old, signal.SIGKILL)
+            await held.wait()
+            await pool.stop()  # reaches the replacement in initialise()
+    assert pool.stats().hung == 0
+
+
+async def test_recycling_waits_while_a_replacement_is_starting(
+    make_process: Any, tmp_path: Path
+) -> None:
+    """One recycling at a time: none while a retired worker's replacement is still starting."""
+    base = str(tmp_path / "hang")
+    pool = make_process(
+        functools.partial(lw.SlowStart, base),
+        max_messages_per_worker=5,
+        start_timeout=START_TIMEOUT,
+    )
+    with log_seen("did not finish initialise()") as overdue:
+        async with pool, asyncio.timeout(60):
+            second = await pool.submit(("pid", None), worker=1)
+            lw.hang_starts(base, 1)  # worker 0's replacement will be stuck
+            for i in range(5):
+                await pool.put(("echo", i), worker=0)  # worker 0 retires after these
+            await pool.drain()
+            for i in range(10):
+                await pool.put(("echo", i), worker=1)  # past the limit, while 0's is stuck
+            await pool.drain()
+            assert not overdue.is_set()  # (the replacement is still stuck)
+            assert pool.pids[1] == second  # not retired meanwhile: one at a time
+            await overdue.wait()
+            assert await pool.submit(("echo", "after"), worker=0) == "after"
+    assert pool.stats().recycled >= 1
 
 
 async def test_bad_start_timeout_is_refused(make: Any) -> None:

@@ -158,6 +158,10 @@ class WorkerSlot(Slot):
         # start_timeout: armed when a worker is launched, cancelled when it
         # reports ready or ends; firing, it kills a worker still initialising.
         self.start_timer: asyncio.TimerHandle | None = None
+        # The current worker reported ready (initialise() ended); and its
+        # start_timeout fired first, so a ready still in its pipe is ignored.
+        self.initialised = False
+        self.overdue = False
         # hang_timeout: when the parent last heard from the worker (loop.time()),
         # and the stack its hang watcher sent, if any.
         self.last_seen = 0.0
@@ -388,8 +392,8 @@ class PoolBase(abc.ABC, Generic[S, MessageT, ReplyT, ResultT]):
         """The watchdog timer's tick (``_supervision``)."""
 
     @abc.abstractmethod
-    def _arm_start_timer(self, slot: S) -> None:
-        """After a launch, arm ``start_timeout``'s timer for the worker (``_supervision``)."""
+    def _launched(self, slot: S) -> None:
+        """After a launch: a new, uninitialised worker; start_timeout runs (``_supervision``)."""
 
     @abc.abstractmethod
     def _tell_all_to_stop(self, cancel: bool | None = None) -> None:

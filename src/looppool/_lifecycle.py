@@ -59,7 +59,7 @@ class LifeCycle(PoolBase[S, MessageT, ReplyT, ResultT]):
             for slot in self._slots:
                 slot.ready = loop.create_future()
                 self._launch(slot)
-                self._arm_start_timer(slot)
+                self._launched(slot)
             await self._await_ready([s.ready for s in self._slots if s.ready is not None])
             if self._phase is not Phase.STARTING:
                 # stop() killed the workers, but every one had reported ready
@@ -172,6 +172,13 @@ class LifeCycle(PoolBase[S, MessageT, ReplyT, ResultT]):
         self._phase = Phase.STOPPED
         if self._watchdog is not None:
             self._watchdog.cancel()
+        for slot in self._slots:
+            # Normally cancelled when the worker ended; not if the wait for
+            # that end was cut short (a start() cancelled twice): no timer
+            # may fire, and log a kill, after the pool has stopped.
+            if slot.start_timer is not None:
+                slot.start_timer.cancel()
+                slot.start_timer = None
         self._release()
         self._lose_all(PoolClosed(self._end_reason))
         while self._drain_waiters:

@@ -175,9 +175,15 @@ class Receiving(PoolBase[S, MessageT, ReplyT, ResultT]):
             target.handle(record)
 
     def _on_ready(self, slot: S, pid: int | None) -> None:
+        if slot.overdue:
+            return  # start_timeout killed it first: it ends as a failed start
         if slot.start_timer is not None:
             slot.start_timer.cancel()
             slot.start_timer = None
+        slot.initialised = True
+        if self._hang_timeout is not None:
+            assert self._loop is not None
+            slot.last_seen = self._loop.time()  # the clock starts once it is ready
         if slot.state is SlotState.STOPPING:
             return  # told to stop while initialising: it stops once ready
         slot.state = SlotState.READY
@@ -190,9 +196,6 @@ class Receiving(PoolBase[S, MessageT, ReplyT, ResultT]):
         slot.delivered = 0
         slot.stack = ""
         slot.rss = 0
-        if self._hang_timeout is not None:
-            assert self._loop is not None
-            slot.last_seen = self._loop.time()  # the clock starts once it is ready
         if self._max_messages is not None or self._max_memory is not None:
             self._maybe_retire()  # another may have waited for this one's recycling
         if self._phase is Phase.RUNNING or self._accepting_respawns:

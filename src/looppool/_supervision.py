@@ -37,6 +37,9 @@ class Supervision(PoolBase[S, MessageT, ReplyT, ResultT]):
         for slot in self._slots:
             if (
                 slot.state in (SlotState.READY, SlotState.STOPPING)
+                # One told to stop while still in initialise() is starting, not
+                # hung: its heartbeat begins once it is ready (start_timeout's).
+                and slot.initialised
                 and slot.farewell is Farewell.NONE
                 and slot not in self._paused
                 and now - slot.last_seen > self._hang_timeout
@@ -60,8 +63,10 @@ class Supervision(PoolBase[S, MessageT, ReplyT, ResultT]):
         slot.farewell = Farewell.HUNG  # a death: replaced, and what it held rescued
         self._kill(slot)
 
-    def _arm_start_timer(self, slot: S) -> None:
+    def _launched(self, slot: S) -> None:
         """After a launch: with ``start_timeout``, kill the worker if it is not ready by then."""
+        slot.initialised = False
+        slot.overdue = False
         if self._start_timeout is not None:
             assert self._loop is not None
             slot.start_timer = self._loop.call_later(self._start_timeout, self._start_overdue, slot)
@@ -70,20 +75,27 @@ class Supervision(PoolBase[S, MessageT, ReplyT, ResultT]):
         slot.start_timer = None
         # The timer is cancelled when the worker reports ready and when it
         # ends, so one that fires finds a worker still in initialise() (or
-        # told to stop while in it: the stop waits for the same readiness).
-        if not slot.alive:
+        # told to stop while in it: the stop waits for the same readiness),
+        # unless the pool is already killing it on purpose.
+        if not slot.alive or slot.farewell is not Farewell.NONE:
             return
+        # Its ready may be in the pipe, unread (the parent's loop was busy
+        # when both became due): the decision stands, the ready is ignored,
+        # and the worker ends as a failed start. Otherwise a start() could
+        # return with this worker marked ready and then dead for good.
+        slot.overdue = True
         reason = (
             f"initialise() did not finish within start_timeout={self._start_timeout:g} s "
             f"(the {self._noun} was killed)"
         )
         slot.start_error = (reason, "")
+        pid = f" (pid {slot.pid})" if slot.pid is not None else ""
         logger.error(
-            "pool %s: worker %d (pid %s) did not finish initialise() within "
+            "pool %s: worker %d%s did not finish initialise() within "
             "start_timeout=%g s; killing it",
             self.name,
             slot.number,
-            slot.pid,
+            pid,
             self._start_timeout,
         )
         # Farewell stays NONE: to the supervision it is a worker that failed
@@ -112,7 +124,11 @@ class Supervision(PoolBase[S, MessageT, ReplyT, ResultT]):
 
         One at a time, so that throughput dips by one worker's share at most.
         """
-        if self._phase is not Phase.RUNNING or any(s.retiring for s in self._slots):
+        # A replacement still starting (after a retirement or a death) counts
+        # as the one: another retired meanwhile would make two dips at once.
+        if self._phase is not Phase.RUNNING or any(
+            s.retiring or s.state is SlotState.STARTING for s in self._slots
+        ):
             return
         for slot in self._slots:
             if slot.state is not SlotState.READY:
@@ -266,7 +282,7 @@ class Supervision(PoolBase[S, MessageT, ReplyT, ResultT]):
             slot.state = SlotState.DEAD
             self._break(f"worker {slot.number} could not be restarted: {exc!r}")
             return
-        self._arm_start_timer(slot)
+        self._launched(slot)
         logger.info("pool %s: worker %d restarted", self.name, slot.number)
 
     def _break(self, reason: str) -> None:
