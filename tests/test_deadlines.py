@@ -404,18 +404,20 @@ async def test_recycling_waits_while_a_replacement_is_starting(
         max_messages_per_worker=5,
         start_timeout=START_TIMEOUT,
     )
-    with log_seen("did not finish initialise()") as overdue:
+    with log_seen("did not finish initialise()") as overdue, log_seen("held") as held:
         async with pool, asyncio.timeout(60):
             second = await pool.submit(("pid", None), worker=1)
             lw.hang_starts(base, 1)  # worker 0's replacement will be stuck
             for i in range(5):
                 await pool.put(("echo", i), worker=0)  # worker 0 retires after these
-            await pool.drain()
+            await held.wait()  # its replacement is stuck in initialise()
             for i in range(10):
                 await pool.put(("echo", i), worker=1)  # past the limit, while 0's is stuck
             await pool.drain()
             assert not overdue.is_set()  # (the replacement is still stuck)
-            assert pool.pids[1] == second  # not retired meanwhile: one at a time
+            # Not retired meanwhile (one at a time): a message to worker 1 finds
+            # the same process, not a retiring one's replacement.
+            assert await pool.submit(("pid", None), worker=1) == second
             await overdue.wait()
             assert await pool.submit(("echo", "after"), worker=0) == "after"
     assert pool.stats().recycled >= 1
