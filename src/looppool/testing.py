@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import functools
 import inspect
 import logging
@@ -96,6 +97,15 @@ def _process_options() -> frozenset[str]:
         for name, parameter in inspect.signature(Pool.__init__).parameters.items()
         if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in own
     )
+
+
+def _all_options() -> list[str]:
+    """Every keyword option InlinePool takes: its own and those it ignores."""
+    own = inspect.signature(InlinePool.__init__).parameters
+    return [
+        *(n for n, p in own.items() if p.kind is inspect.Parameter.KEYWORD_ONLY),
+        *_process_options(),
+    ]
 
 
 def _as_is(value: Any) -> Any:
@@ -202,7 +212,9 @@ class InlinePool(PoolCore[_InlineSlot, MessageT, ReplyT, ResultT]):
         if unknown:
             # Pool() raises this for a misspelt option (Python's own
             # TypeError); so must the pool that stands in for it in tests.
-            raise TypeError(f"InlinePool() got an unexpected keyword argument {unknown[0]!r}")
+            close = difflib.get_close_matches(unknown[0], _all_options(), n=1)
+            hint = f". Did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"InlinePool() got an unexpected keyword argument {unknown[0]!r}{hint}")
         check_seconds("hang_timeout", process_options.get("hang_timeout"))
         if process_options.get("max_memory_per_worker") is not None:
             check_int("max_memory_per_worker", process_options["max_memory_per_worker"])
