@@ -171,6 +171,12 @@ class WorkerSlot(Slot):
         # this slot; None until it reports, and again once it ends.
         self.metrics: Mapping[str, float] | None = None
 
+    def cancel_start_timer(self) -> None:
+        """Disarm ``start_timeout``'s timer: the worker is ready, has ended, or the pool has."""
+        if self.start_timer is not None:
+            self.start_timer.cancel()
+            self.start_timer = None
+
 
 S = TypeVar("S", bound=WorkerSlot)
 

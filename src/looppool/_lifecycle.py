@@ -176,9 +176,7 @@ class LifeCycle(PoolBase[S, MessageT, ReplyT, ResultT]):
             # Normally cancelled when the worker ended; not if the wait for
             # that end was cut short (a start() cancelled twice): no timer
             # may fire, and log a kill, after the pool has stopped.
-            if slot.start_timer is not None:
-                slot.start_timer.cancel()
-                slot.start_timer = None
+            slot.cancel_start_timer()
         self._release()
         self._lose_all(PoolClosed(self._end_reason))
         while self._drain_waiters:

@@ -177,9 +177,7 @@ class Receiving(PoolBase[S, MessageT, ReplyT, ResultT]):
     def _on_ready(self, slot: S, pid: int | None) -> None:
         if slot.overdue:
             return  # start_timeout killed it first: it ends as a failed start
-        if slot.start_timer is not None:
-            slot.start_timer.cancel()
-            slot.start_timer = None
+        slot.cancel_start_timer()
         slot.initialised = True
         if self._hang_timeout is not None:
             assert self._loop is not None

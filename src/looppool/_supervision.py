@@ -165,9 +165,7 @@ class Supervision(PoolBase[S, MessageT, ReplyT, ResultT]):
         """
         previous = slot.state
         slot.state = SlotState.DEAD
-        if slot.start_timer is not None:
-            slot.start_timer.cancel()
-            slot.start_timer = None
+        slot.cancel_start_timer()
         slot.metrics = None  # a dead worker's gauges are stale
         if slot.exited is not None and not slot.exited.done():
             slot.exited.set_result(lost.exitcode)
